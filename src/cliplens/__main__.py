@@ -1,0 +1,5 @@
+import sys
+
+from cliplens.cli import main
+
+sys.exit(main())

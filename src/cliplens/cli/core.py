@@ -1,0 +1,252 @@
+"""Core subcommands: index, search, info, demo."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+from cliplens._files import cliplens_home
+from cliplens.errors import CliplensError, QueryError
+
+CASE_STUDIES = ("tractor", "tulip", "seal", "telephone")  # CIFAR-100 classes 89, 92, 72, 86
+
+
+# --------------------------------------------------------------------------- shared flags
+
+
+def default_index_dir(name: str = "cifar100-test") -> Path:
+    return Path(os.environ.get("CLIPLENS_INDEX_DIR") or cliplens_home() / "indexes" / name)
+
+
+def add_model_flags(p: argparse.ArgumentParser, *, for_query: bool = False) -> None:
+    g = p.add_argument_group("model")
+    default_note = " (default: the index's own model)" if for_query else ""
+    g.add_argument("--model", default=None, help=f"open_clip model name{default_note or ' (default ViT-B-32-quickgelu)'}")
+    g.add_argument("--pretrained", default=None, help=f"pretrained tag{default_note or ' (default openai)'}")
+    g.add_argument("--weights", type=Path, default=None, help="a local checkpoint file instead of the tag")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+
+
+def load_model(args, manifest: dict | None = None):
+    """Build the encoder from flags, falling back to the model an index was built with."""
+    from cliplens.encoder import DEFAULT_MODEL, DEFAULT_PRETRAINED, load_encoder
+
+    built = (manifest or {}).get("model", {})
+    name = args.model or built.get("name") or DEFAULT_MODEL
+    weights = args.weights
+    if (weights is None and args.pretrained is None and not args.model and built and not built.get("pretrained")
+            and ":" not in name):
+        weights = built.get("weights_path")  # the index was built from a file: use that file again
+        if weights is None:
+            raise CliplensError("this index was built with random weights; pass --weights or --pretrained")
+    pretrained = args.pretrained or (built.get("pretrained") if not args.model else None) or DEFAULT_PRETRAINED
+    return load_encoder(name, pretrained, weights=weights, device=args.device)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+# --------------------------------------------------------------------------- index
+
+
+def cmd_index(args) -> int:
+    from cliplens.datasets import load_cifar
+    from cliplens.embed import index_labeled
+
+    source = args.source.lower()
+    if source.replace("-", "") not in ("cifar100", "cifar10"):
+        raise CliplensError(f"unknown source {args.source!r}: use cifar100 or cifar10")
+    index_dir = args.index_dir or default_index_dir(f"{source.replace('-', '')}-{args.split}")
+    data = load_cifar(source, args.split, data_dir=args.data_dir, verify=not args.no_verify, limit=args.limit,
+                      progress=not args.quiet)
+    encoder = load_model(args)
+    manifest, stats = index_labeled(data, encoder, index_dir, batch_size=args.batch_size, dtype=args.dtype,
+                                    checkpoint_every=args.checkpoint_every, progress=not args.quiet)
+    if stats.count == 0:
+        print(f"{index_dir}: already complete ({manifest['count']} images), nothing to do")
+    else:
+        resumed = f", resumed at {stats.resumed_from}" if stats.resumed_from else ""
+        print(f"indexed {stats.count} images in {stats.seconds:.1f} s ({stats.images_per_second:.1f} img/s{resumed}) "
+              f"-> {index_dir}")
+    return 0
+
+
+# --------------------------------------------------------------------------- search
+
+
+def open_searcher(args):
+    from cliplens.search import Searcher
+    from cliplens.store import IndexStore
+
+    store = IndexStore.open(args.index_dir or default_index_dir())
+    return Searcher(encoder=load_model(args, store.manifest), store=store)
+
+
+def cmd_search(args) -> int:
+    searcher = open_searcher(args)
+    result = searcher.search(args.query, args.k, template=args.template, raw=args.raw)
+    if args.json:
+        print(json.dumps(result.to_json(), indent=2))
+    else:
+        print(format_result(result, searcher))
+    if args.grid:
+        path = save_result_grid(searcher, result, args.grid)
+        if not args.json:
+            print(f"grid saved to {path}")
+    return 0
+
+
+def format_result(result, searcher) -> str:
+    m = searcher.store.manifest["model"]
+    lines = [f'query "{result.query}" -> prompt "{result.prompt}"  '
+             f"({m['name']}/{m.get('pretrained') or 'file'}, {len(searcher.store)} images)"]
+    labelled = searcher.store.has_labels
+    header = f"{'rank':>4}  {'score':>6}  {'id':>6}  " + (f"{'label':<22}{'superclass'}" if labelled else "ref")
+    lines.append(header)
+    for h in result.hits:
+        mark = {True: " ✓", False: " ✗", None: ""}[h.match]
+        tail = f"{(h.label or '') + mark:<22}{h.superclass or ''}" if labelled else h.ref
+        lines.append(f"{h.rank:>4}  {h.score:6.4f}  {h.id:>6}  {tail}")
+    if result.precision_at_k is not None:
+        lines.append(f'precision@{len(result.hits)} for class "{result.query_class}": {result.precision_at_k:.2f}')
+    return "\n".join(lines)
+
+
+def save_result_grid(searcher, result, path) -> Path:
+    from cliplens.grid import save_grid
+
+    images = searcher.store.images()
+    if images is None:
+        raise CliplensError("this index stores no thumbnails, so --grid cannot draw it")
+    tiles = [images[h.id] for h in result.hits]
+    captions = [f"{h.label or h.ref}\n{h.score:.3f} #{h.id}" for h in result.hits]
+    title = f'"{result.prompt}"' + (f"  precision@{len(result.hits)} = {result.precision_at_k:.2f}"
+                                    if result.precision_at_k is not None else "")
+    try:
+        return save_grid(path, tiles, captions, [h.match for h in result.hits], title=title)
+    except ValueError as exc:
+        raise CliplensError(str(exc)) from None
+
+
+# --------------------------------------------------------------------------- info
+
+
+def cmd_info(args) -> int:
+    from cliplens.store import IndexStore
+
+    store = IndexStore.open(args.index_dir or default_index_dir())
+    m = store.manifest
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    model = m["model"]
+    src = m.get("source", {})
+    fp = src.get("fingerprint", {})
+    rows = [
+        ("index", str(store.root)),
+        ("items", f"{m['count']} x {m['embedding_dim']} {m['dtype']}"),
+        ("source", f"{src.get('name')} {src.get('split') or ''}".strip()),
+        ("verified", "official checksums" if fp.get("verified") else "not verified (--no-verify)"),
+        ("model", f"{model['name']} / {model.get('pretrained') or 'weights file'}"),
+        ("weights sha256", model.get("weights_sha256") or "none (random weights)"),
+        ("preprocess", m.get("preprocess", "")),
+        ("classes", f"{len(store.class_names)} classes, {len(store.superclass_names)} superclasses"
+         if store.has_labels else "no labels"),
+        ("created", f"{m['created']} by cliplens {m['cliplens_version']}"),
+    ]
+    stats = m.get("stats")
+    if stats:
+        rows.append(("speed", f"{stats['images_per_second']} img/s (batch {stats['batch_size']})"))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    return 0
+
+
+# --------------------------------------------------------------------------- demo
+
+
+def cmd_demo(args) -> int:
+    from cliplens.datasets import load_cifar
+    from cliplens.embed import index_labeled
+    from cliplens.search import Searcher
+    from cliplens.store import IndexStore
+
+    index_dir = args.index_dir or default_index_dir()
+    data = load_cifar("cifar100", "test", data_dir=args.data_dir, verify=not args.no_verify, limit=args.limit,
+                      progress=not args.quiet)
+    encoder = load_model(args)
+    _, stats = index_labeled(data, encoder, index_dir, batch_size=args.batch_size, progress=not args.quiet)
+    if stats.count:
+        print(f"indexed {stats.count} CIFAR-100 test images ({stats.images_per_second:.1f} img/s) -> {index_dir}")
+    searcher = Searcher(encoder=encoder, store=IndexStore.open(index_dir))
+    out = Path(args.out)
+    k = min(10, len(searcher.store))
+    print(f"\n{'query':<11}{'precision@' + str(k):>13}  false positives")
+    for name in CASE_STUDIES:
+        result = searcher.search(name, k)
+        wrong = Counter(h.label for h in result.hits if not h.match)
+        fp = ", ".join(f"{lab} x{n}" for lab, n in wrong.most_common()) or "none"
+        p = "n/a" if result.precision_at_k is None else f"{result.precision_at_k:.2f}"
+        print(f"{name:<11}{p:>13}  {fp}")
+        save_result_grid(searcher, result, out / f"{name}.png")
+    print(f"\ngrids saved in {out}/ (green border: right class, red: wrong)")
+    return 0
+
+
+# --------------------------------------------------------------------------- registration
+
+
+def register(sub) -> None:
+    p = sub.add_parser("index", help="embed a data set into an index folder",
+                       description="Embed a data set with CLIP into an index folder (resumable).")
+    p.add_argument("source", help="cifar100 or cifar10")
+    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--data-dir", type=Path, default=None, help="where the data set is or goes (default $CLIPLENS_HOME/data)")
+    p.add_argument("--no-verify", action="store_true", help="accept files whose md5 is not the official one")
+    p.add_argument("--index-dir", type=Path, default=None, help="output folder (default $CLIPLENS_HOME/indexes/SOURCE-SPLIT)")
+    p.add_argument("--limit", type=_positive_int, default=None, help="index only the first N images")
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage type of the embeddings")
+    p.add_argument("--checkpoint-every", type=_positive_int, default=4, help="batches between resume checkpoints")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_model_flags(p)
+    p.set_defaults(handler=cmd_index)
+
+    p = sub.add_parser("search", help="search an index by text", description="Rank an index's images by a text query.")
+    p.add_argument("query")
+    p.add_argument("--index-dir", type=Path, default=None)
+    p.add_argument("-k", type=int, default=10, help="number of results (1..N)")
+    p.add_argument("--template", default="a photo of a {}.", help='prompt template with one "{}"')
+    p.add_argument("--raw", action="store_true", help="encode the query exactly as typed (no template)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--grid", type=Path, default=None, help="save the results as an image grid (PNG)")
+    add_model_flags(p, for_query=True)
+    p.set_defaults(handler=cmd_search)
+
+    p = sub.add_parser("info", help="describe an index", description="Show what an index holds and how it was built.")
+    p.add_argument("--index-dir", type=Path, default=None)
+    p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.set_defaults(handler=cmd_info)
+
+    p = sub.add_parser("demo", help="the main job: index CIFAR-100 test and run the four case studies",
+                       description="Fetch CIFAR-100 test, index it with ViT-B/32 and run tractor, tulip, seal, telephone.")
+    p.add_argument("--data-dir", type=Path, default=None)
+    p.add_argument("--no-verify", action="store_true")
+    p.add_argument("--index-dir", type=Path, default=None)
+    p.add_argument("--out", default="cliplens-demo", help="folder for the result grids (default ./cliplens-demo)")
+    p.add_argument("--limit", type=_positive_int, default=None)
+    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("-q", "--quiet", action="store_true")
+    add_model_flags(p)
+    p.set_defaults(handler=cmd_demo)
+

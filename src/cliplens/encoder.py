@@ -1,0 +1,323 @@
+"""The CLIP model, its preprocessing and its tokenizer, created together by one factory.
+
+This is the only module that imports open_clip or hands torch tensors around: everything it returns is a
+float32 numpy array of L2-normalised rows, so the rest of cliplens never sees torch.
+
+Correctness notes (see DESIGN.md):
+- OpenAI's ViT-B/32 weights were trained with QuickGELU. ``ViT-B-32`` + ``openai`` loads, warns and computes
+  the wrong activations, so a tag that needs QuickGELU switches the model to its ``-quickgelu`` config.
+- CLIP's text tower is causal and pools at the end-of-text token, so positions after the longest EOT in a batch
+  never change the result: ``encode_texts`` runs only that prefix of the 77-token context (exact, and several
+  times faster for short queries).
+"""
+
+from __future__ import annotations
+
+import difflib
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cliplens._files import cached_sha256
+from cliplens.errors import ModelError
+from cliplens.preprocess import ClipPreprocessConfig, preprocess_batch
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "ViT-B-32-quickgelu"
+DEFAULT_PRETRAINED = "openai"
+PRECISIONS = ("exact",)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What identifies the embeddings a model produces; recorded in every index manifest."""
+
+    name: str
+    pretrained: str | None  # the tag ("openai") or None when weights came from a file
+    weights_path: str | None
+    weights_sha256: str | None
+    embed_dim: int
+    image_size: int
+    context_length: int
+    quick_gelu: bool
+    preprocess: str  # human-readable description of the eval transform
+    precision: str
+
+
+def resolve_device(device: str = "auto") -> str:
+    import torch
+
+    if device == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
+        raise ModelError(f"unknown device {device!r}: use auto, cpu, cuda or mps")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} asked for but torch sees no CUDA GPU: use --device cpu")
+    return device
+
+
+def _check_model_name(name: str) -> None:
+    import open_clip
+
+    known = open_clip.list_models()
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=3)
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ModelError(f"unknown model {name!r}{hint}; `python -m open_clip` lists them, e.g. {DEFAULT_MODEL}")
+
+
+def _resolve_tag(name: str, tag: str) -> tuple[str, str, bool]:
+    """Return (model name, checkpoint path, quick_gelu) for a pretrained tag, downloading only if allowed."""
+    from open_clip import pretrained as oc_pretrained
+
+    cfg = oc_pretrained.get_pretrained_cfg(name, tag)
+    if not cfg and not name.endswith("-quickgelu"):
+        cfg = oc_pretrained.get_pretrained_cfg(name + "-quickgelu", tag)
+    if not cfg:
+        tags = oc_pretrained.list_pretrained_tags_by_model(name)
+        raise ModelError(f"model {name!r} has no pretrained tag {tag!r}; known tags: {', '.join(tags) or 'none'}")
+    quick_gelu = bool(cfg.get("quick_gelu", False))
+    if quick_gelu and not name.endswith("-quickgelu"):
+        # The trap DESIGN.md warns about: plain ViT-B-32 + openai silently uses the wrong activation.
+        log.warning("%s/%s was trained with QuickGELU: using %s-quickgelu", name, tag, name)
+        name = name + "-quickgelu"
+    try:
+        path = oc_pretrained.download_pretrained(cfg)
+    except Exception as exc:  # huggingface_hub raises many types; all mean "not here, not fetchable"
+        hub = cfg.get("hf_hub", "").rstrip("/")
+        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
+        where = f"the Hugging Face cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')})"
+        raise ModelError(
+            f"weights for {name}/{tag} are not in {where}{' (HF_HUB_OFFLINE=1)' if offline else ''} and could not "
+            f"be downloaded ({type(exc).__name__}); fetch them on a connected machine with "
+            f"`huggingface-cli download {hub}` and copy the cache, or pass --weights PATH to a checkpoint file"
+        ) from None
+    if not path:
+        raise ModelError(f"open_clip knows no download location for {name}/{tag}; pass --weights PATH")
+    return name, str(path), quick_gelu
+
+
+class Encoder:
+    """A loaded CLIP model. Build it with :func:`load_encoder`; tests pass any model with the same methods."""
+
+    def __init__(self, *, model, tokenizer, transform, info: ModelInfo, device: str, text_cache_size: int = 4096):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.transform = transform  # open_clip's own eval transform: the reference for PIL inputs
+        self.info = info
+        self.device = device
+        try:
+            self.fast_config: ClipPreprocessConfig | None = ClipPreprocessConfig.from_open_clip(model)
+        except ValueError:
+            self.fast_config = None  # a resize mode the batched path does not reproduce: use open_clip's
+        self._text_cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._text_cache_size = text_cache_size
+
+    # ---------------------------------------------------------------- images
+    def preprocess(self, images) -> np.ndarray:
+        """uint8 (N,H,W,3) array or PIL images -> float32 (N,3,S,S), equal to open_clip's eval transform."""
+        if isinstance(images, np.ndarray):
+            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+                raise ValueError(f"expected uint8 images of shape (N,H,W,3), got {images.dtype} {images.shape}")
+            if self.fast_config is not None:
+                return preprocess_batch(images, self.fast_config)
+            from PIL import Image
+
+            images = [Image.fromarray(a) for a in images]
+        out = []
+        for im in images:
+            if self.fast_config is not None and im.mode == "RGB":
+                out.append(preprocess_batch(np.asarray(im)[None], self.fast_config)[0])
+            else:  # palette, RGBA, etc.: open_clip's transform is the definition of right
+                out.append(self.transform(im).numpy())
+        if not out:
+            return np.zeros((0, 3, self.info.image_size, self.info.image_size), np.float32)
+        return np.stack(out)
+
+    def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
+        """float32 (N,3,S,S) preprocessed pixels -> float32 (N,D) unit vectors."""
+        import torch
+
+        with torch.inference_mode(), self._autocast():
+            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
+            feats = self.model.encode_image(x)
+            return _normalise(feats)
+
+    def encode_images(self, images) -> np.ndarray:
+        return self.encode_pixels(self.preprocess(images))
+
+    # ---------------------------------------------------------------- text
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """Strings -> float32 (N,D) unit vectors; repeated strings come from an LRU cache."""
+        texts = list(texts)
+        missing = list(dict.fromkeys(t for t in texts if t not in self._text_cache))
+        if missing:
+            for text, vec in zip(missing, self._encode_texts_uncached(missing)):
+                self._text_cache[text] = vec
+        out = np.stack([self._text_cache[t] for t in texts]) if texts else np.zeros((0, self.info.embed_dim), np.float32)
+        for t in texts:
+            self._text_cache.move_to_end(t)
+        while len(self._text_cache) > self._text_cache_size:
+            self._text_cache.popitem(last=False)
+        return out
+
+    def _encode_texts_uncached(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
+        import torch
+
+        chunks = []
+        with torch.inference_mode(), self._autocast():
+            for i in range(0, len(texts), batch_size):
+                tokens = self.tokenizer(texts[i : i + batch_size]).to(self.device)
+                chunks.append(_normalise(self._encode_tokens(tokens)))
+        return np.concatenate(chunks)
+
+    def _encode_tokens(self, tokens):
+        """CLIP text tower on the prefix that matters: exact because attention is causal and pooling is at EOT."""
+        m = self.model
+        if not (hasattr(m, "token_embedding") and getattr(m, "text_pool_type", None) == "argmax" and m.attn_mask is not None):
+            return m.encode_text(tokens)  # other text towers (HF, SigLIP): the model's own path
+        length = int(tokens.argmax(dim=-1).max()) + 1  # EOT has the highest id in CLIP's vocabulary
+        tokens = tokens[:, :length]
+        cast_dtype = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast_dtype) + m.positional_embedding[:length].to(cast_dtype)
+        x = m.transformer(x, attn_mask=m.attn_mask[:length, :length])
+        x = m.ln_final(x)
+        x = x[np.arange(x.shape[0]), tokens.argmax(dim=-1)]
+        if m.text_projection is not None:
+            x = m.text_projection(x) if hasattr(m.text_projection, "weight") else x @ m.text_projection
+        return x
+
+    def _autocast(self):
+        import contextlib
+
+        import torch
+
+        if self.device.startswith("cuda"):  # fp16 autocast on GPU only; CPU stays fp32 (exact)
+            return torch.autocast("cuda", dtype=torch.float16)
+        return contextlib.nullcontext()
+
+
+def _normalise(feats) -> np.ndarray:
+    feats = feats.float()
+    feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    return feats.cpu().numpy().astype(np.float32, copy=False)
+
+
+def load_encoder(
+    model: str = DEFAULT_MODEL,
+    pretrained: str | None = DEFAULT_PRETRAINED,
+    *,
+    weights: str | Path | None = None,
+    device: str = "auto",
+    precision: str = "exact",
+) -> Encoder:
+    """Create model + eval transform + tokenizer from one open_clip config, so they cannot drift apart.
+
+    Weights come from ``weights`` (a local checkpoint file) when given, else from the pretrained tag through
+    open_clip's own resolution: the Hugging Face hub cache (honouring HF_HOME and HF_HUB_OFFLINE).
+    """
+    import open_clip
+
+    if precision not in PRECISIONS:
+        raise ModelError(f"unknown precision {precision!r}: use {' or '.join(PRECISIONS)}")
+    device = resolve_device(device)
+    quick_gelu = False
+    if model.startswith(("hf-hub:", "local-dir:")):
+        # A self-describing model folder (config + weights): open_clip resolves both; the tag does not apply.
+        if weights is not None:
+            raise ModelError(f"{model} carries its own weights: drop --weights, or use a built-in model name")
+        checkpoint, pretrained = _schema_checkpoint(model), None
+        load_from = None  # open_clip finds the weights itself through the schema
+    else:
+        _check_model_name(model)
+        if weights is not None:
+            weights = Path(weights).expanduser()
+            if not weights.is_file():
+                raise ModelError(f"weights file {weights} does not exist: pass the path of an open_clip/OpenAI checkpoint")
+            checkpoint, pretrained = str(weights), None
+        elif pretrained:
+            model, checkpoint, quick_gelu = _resolve_tag(model, pretrained)
+        else:
+            checkpoint = None  # random weights: only useful for tests and benchmarks
+        load_from = checkpoint
+    try:
+        clip, _, transform = open_clip.create_model_and_transforms(model, pretrained=load_from, device=device)
+    except (RuntimeError, KeyError, ValueError, OSError, AssertionError) as exc:  # open_clip asserts on shapes
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"could not load {model} from {checkpoint}: {first}; is it a checkpoint for this model?") from None
+    clip.eval()
+    tokenizer = open_clip.get_tokenizer(model)
+    quick_gelu = quick_gelu or _uses_quick_gelu(clip)
+    cfg = ClipPreprocessConfig.from_open_clip(clip) if _fast_ok(clip) else None
+    image_size = clip.visual.image_size
+    image_size = image_size[0] if isinstance(image_size, (tuple, list)) else int(image_size)
+    info = ModelInfo(
+        name=model,
+        pretrained=pretrained if weights is None else None,
+        weights_path=checkpoint,
+        weights_sha256=cached_sha256(checkpoint) if checkpoint else None,
+        embed_dim=int(_embed_dim(clip)),
+        image_size=image_size,
+        context_length=int(getattr(clip, "context_length", 77)),
+        quick_gelu=quick_gelu,
+        preprocess=_describe(cfg, image_size),
+        precision=precision,
+    )
+    encoder = Encoder(model=clip, tokenizer=tokenizer, transform=transform, info=info, device=device)
+    return encoder
+
+
+def _schema_checkpoint(model: str) -> str:
+    """The weights file behind an ``hf-hub:`` or ``local-dir:`` model, for the manifest's sha256."""
+    from open_clip import factory, pretrained as oc_pretrained
+
+    schema, ident = model.split(":", 1)
+    try:
+        path = (oc_pretrained.download_pretrained_from_hf(ident) if schema == "hf-hub"
+                else factory._find_checkpoint_in_dir(Path(ident)))
+    except Exception as exc:  # not cached and not downloadable
+        raise ModelError(f"cannot find the weights of {model} ({type(exc).__name__}): "
+                         "check the name, or the Hugging Face cache when offline") from None
+    if not path:
+        raise ModelError(f"no checkpoint file in {ident}: put open_clip_model.safetensors there")
+    return str(path)
+
+
+def _embed_dim(clip) -> int:
+    proj = getattr(clip, "text_projection", None)
+    if proj is not None:
+        return proj.weight.shape[0] if hasattr(proj, "weight") else proj.shape[-1]
+    return clip.visual.output_dim
+
+
+def _uses_quick_gelu(clip) -> bool:
+    from open_clip.transformer import QuickGELU
+
+    return any(isinstance(m, QuickGELU) for m in clip.visual.modules())
+
+
+def _fast_ok(clip) -> bool:
+    try:
+        ClipPreprocessConfig.from_open_clip(clip)
+        return True
+    except ValueError:
+        return False
+
+
+def _describe(cfg: ClipPreprocessConfig | None, image_size: int) -> str:
+    if cfg is None:
+        return f"open_clip eval transform ({image_size}px)"
+    return (
+        f"resize shortest side to {cfg.size} ({cfg.interpolation}, PIL-exact), center crop {cfg.size}, "
+        f"mean {list(cfg.mean)}, std {list(cfg.std)}"
+    )

@@ -1,0 +1,59 @@
+"""Result grids: the top-k images enlarged, a caption under each, green/red borders for right/wrong class."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cliplens._files import atomic_path
+
+GREEN, RED, GREY = (34, 160, 60), (210, 40, 40), (150, 150, 150)
+
+
+def render_grid(images: Sequence[np.ndarray], captions: Sequence[str], matches: Sequence[bool | None], *,
+                title: str | None = None, cell: int = 128, columns: int | None = None):
+    """Return a PIL image: one cell per result, ``cell`` px square, border colour from ``matches``."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    n = len(images)
+    columns = columns or min(n, 5) or 1
+    rows = max(1, math.ceil(n / columns))
+    border, caption_h, pad = 4, 30, 6
+    title_h = 24 if title else 0
+    w = columns * (cell + 2 * border + pad) + pad
+    h = title_h + rows * (cell + 2 * border + caption_h + pad) + pad
+    canvas = Image.new("RGB", (w, h), "white")
+    draw = ImageDraw.Draw(canvas)
+    font = ImageFont.load_default()
+    if title:
+        draw.text((pad, 6), title, fill="black", font=font)
+    for i, (img, caption, match) in enumerate(zip(images, captions, matches)):
+        r, c = divmod(i, columns)
+        x = pad + c * (cell + 2 * border + pad)
+        y = title_h + pad + r * (cell + 2 * border + caption_h + pad)
+        colour = GREY if match is None else (GREEN if match else RED)
+        draw.rectangle([x, y, x + cell + 2 * border - 1, y + cell + 2 * border - 1], fill=colour)
+        tile = Image.fromarray(np.asarray(img)) if not hasattr(img, "resize") else img
+        tile = tile.convert("RGB")
+        if max(tile.size) > cell:
+            tile.thumbnail((cell, cell), Image.Resampling.LANCZOS)
+        elif max(tile.size) < cell:  # tiny images (CIFAR 32 px): enlarge with visible pixels, as a person expects
+            scale = cell / max(tile.size)
+            tile = tile.resize((round(tile.width * scale), round(tile.height * scale)), Image.Resampling.NEAREST)
+        canvas.paste(tile, (x + border + (cell - tile.width) // 2, y + border + (cell - tile.height) // 2))
+        for j, line in enumerate(caption.split("\n")[:2]):
+            draw.text((x, y + cell + 2 * border + 2 + 13 * j), line[:24], fill="black", font=font)
+    return canvas
+
+
+def save_grid(path: str | Path, images, captions, matches, **kwargs) -> Path:
+    path = Path(path)
+    if path.suffix.lower() not in (".png", ".jpg", ".jpeg", ".webp"):
+        raise ValueError(f"grid file must end in .png, .jpg or .webp, got {path.name}")
+    img = render_grid(images, captions, matches, **kwargs)
+    with atomic_path(path) as tmp:
+        img.save(tmp, format={".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG"))
+    return path

@@ -1,0 +1,84 @@
+"""Shared fixtures. Everything runs offline on stand-ins built here, through the real loading code.
+
+huggingface_hub reads HF_HOME and HF_HUB_OFFLINE when it is imported, so they are set at the top of this file,
+before any test imports it; each test run gets its own throw-away cache.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+_SESSION = Path(tempfile.mkdtemp(prefix="cliplens-tests-"))
+atexit.register(shutil.rmtree, _SESSION, ignore_errors=True)
+os.environ["HF_HOME"] = str(_SESSION / "hf")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["CLIPLENS_HOME"] = str(_SESSION / "home")
+os.environ.pop("CLIPLENS_INDEX_DIR", None)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import cifar_fixture  # noqa: E402
+import model_fixture  # noqa: E402
+
+HF_HOME = Path(os.environ["HF_HOME"])
+
+
+@pytest.fixture(scope="session")
+def tiny_model() -> str:
+    """Model name of a tiny random CLIP in the hub cache (hf-hub:cliplens-test/tiny-clip)."""
+    return model_fixture.write_tiny_model(HF_HOME)
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_model):
+    from cliplens.encoder import load_encoder
+
+    return load_encoder(tiny_model, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def b32_weights() -> Path:
+    """Random weights for the real ViT-B-32-quickgelu, where open_clip looks for the ``openai`` tag."""
+    return model_fixture.write_openai_b32(HF_HOME)
+
+
+@pytest.fixture(scope="session")
+def b32_encoder(b32_weights):
+    from cliplens.encoder import load_encoder
+
+    return load_encoder("ViT-B-32-quickgelu", "openai", device="cpu")
+
+
+@pytest.fixture(scope="session")
+def cifar_root(tmp_path_factory) -> Path:
+    """A folder holding a CIFAR-100-format archive and extracted folder (2 test, 5 train images per class)."""
+    root = tmp_path_factory.mktemp("cifar")
+    cifar_fixture.make_cifar100(root, per_class_test=2, per_class_train=5, seed=0, archive=True, folder=True)
+    return root
+
+
+@pytest.fixture(scope="session")
+def cifar_test(cifar_root):
+    from cliplens.datasets import load_cifar
+
+    return load_cifar("cifar100", "test", data_dir=cifar_root, verify=False, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_index(tmp_path_factory, cifar_test, tiny_encoder) -> Path:
+    """A complete index of the fixture's CIFAR-100 test split with the tiny model (read-only for tests)."""
+    from cliplens.embed import index_labeled
+
+    out = tmp_path_factory.mktemp("index") / "cifar100-test"
+    index_labeled(cifar_test, tiny_encoder, out, batch_size=32, progress=False)
+    return out
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(0)
