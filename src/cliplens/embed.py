@@ -97,7 +97,8 @@ def index_labeled(data, encoder, index_dir: str | Path, *, batch_size: int = 64,
         "source": data.source,
         "split": data.split,
         "count": len(data),
-        "fingerprint": data.fingerprint,
+        # the files' own hashes, not where they came from (an archive deleted after extraction changes nothing)
+        "files": {"verified": data.fingerprint.get("verified"), "files": data.fingerprint.get("files")},
         "dtype": dtype,
         "batch_size": batch_size,  # batch shapes fix the float results: resuming must reuse them
     }

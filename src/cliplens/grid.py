@@ -36,8 +36,7 @@ def render_grid(images: Sequence[np.ndarray], captions: Sequence[str], matches: 
         y = title_h + pad + r * (cell + 2 * border + caption_h + pad)
         colour = GREY if match is None else (GREEN if match else RED)
         draw.rectangle([x, y, x + cell + 2 * border - 1, y + cell + 2 * border - 1], fill=colour)
-        tile = Image.fromarray(np.asarray(img)) if not hasattr(img, "resize") else img
-        tile = tile.convert("RGB")
+        tile = (img if isinstance(img, Image.Image) else Image.fromarray(np.asarray(img))).convert("RGB")
         if max(tile.size) > cell:
             tile.thumbnail((cell, cell), Image.Resampling.LANCZOS)
         elif max(tile.size) < cell:  # tiny images (CIFAR 32 px): enlarge with visible pixels, as a person expects

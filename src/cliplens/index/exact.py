@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from cliplens.metrics import topk_indices
+
 # Score this many rows at a time so float16 stores are upcast chunk by chunk, never whole (1M x 512 x 4 B = 2 GB).
 _CHUNK_ROWS = 65536
 
@@ -36,21 +38,6 @@ class ExactIndex:
             scores[:, ~allowed] = -np.inf
             k = min(k, int(allowed.sum()))
         k = min(k, scores.shape[1])
-        ids = np.stack([top_k(row, k) for row in scores]) if k else np.zeros((len(queries), 0), np.int64)
+        ids = topk_indices(scores, k) if k else np.zeros((len(queries), 0), np.int64)
         return np.take_along_axis(scores, ids, axis=1), ids
 
-
-def top_k(scores: np.ndarray, k: int) -> np.ndarray:
-    """Indices of the k highest scores, descending, ties by lower index; exact even when ties straddle place k.
-
-    argpartition finds the k-th best score in O(N); every index scoring at least that much is a candidate (more
-    than k only with ties), and a lexsort on (-score, index) of the few candidates gives a deterministic order.
-    """
-    n = len(scores)
-    if k >= n:
-        cand = np.arange(n)
-    else:
-        kth = scores[np.argpartition(-scores, k - 1)[k - 1]]
-        cand = np.flatnonzero(scores >= kth)
-    order = np.lexsort((cand, -scores[cand]))
-    return cand[order[:k]]
