@@ -188,16 +188,25 @@ def wrap_query(text: str, template: str = "a photo of a {}.", raw: bool = False)
     ``"tractor"`` -> ``"a photo of a tractor."``. CLIP was trained on captions, so a bare
     noun matches images better inside a caption-like template. A query that already reads
     as a sentence ("a red tractor in a field.") is still wrapped, because guessing what is
-    a sentence is fragile; only its trailing full stops are dropped, so the template's own
-    ending is not doubled. Pass ``raw=True`` to encode the text as typed (stripped).
+    a sentence is fragile. Two edits keep the result English: trailing ``.?!`` are dropped, so
+    the template's own ending is not doubled, and a leading article is dropped when the template
+    already puts one before ``{}`` ("a red tractor" -> "a photo of a red tractor.", not
+    "a photo of a a red tractor."). Pass ``raw=True`` to encode the text as typed (stripped).
     """
     stripped = text.strip()
     if not stripped:
         raise QueryError(f"empty query: {text!r}; type some words to search for, e.g. 'tractor'")
     if raw:
         return stripped
-    body = stripped.rstrip(".").rstrip() or stripped  # a query of only dots stays as typed
-    return _check_template(template, "query template").replace(_PLACEHOLDER, body)
+    body = stripped.rstrip(".?!").rstrip() or stripped  # a query of only punctuation stays as typed
+    template = _check_template(template, "query template")
+    if _ARTICLE_BEFORE.search(template.split(_PLACEHOLDER)[0]):
+        body = _ARTICLE_START.sub("", body) or body
+    return template.replace(_PLACEHOLDER, body)
+
+
+_ARTICLE_BEFORE = re.compile(r"(?:^|\s)(?:a|an|the)\s+$", re.IGNORECASE)
+_ARTICLE_START = re.compile(r"^(?:a|an|the)\s+", re.IGNORECASE)
 
 
 _LEADING = re.compile(r"^(?:(?:a|an|the)\s+)?(?:(?:photo|picture|image)\s+of\s+)?(?:(?:a|an|the)\s+)?")

@@ -178,9 +178,12 @@ def test_wrap_query():
     assert P.wrap_query("tractor") == "a photo of a tractor."
     assert P.wrap_query("  red tractor ") == "a photo of a red tractor."
     # a sentence is still wrapped; only its trailing full stop goes, so "." is not doubled
-    assert P.wrap_query("a red tractor in a field.") == "a photo of a a red tractor in a field."
+    assert P.wrap_query("a red tractor in a field.") == "a photo of a red tractor in a field."
+    assert P.wrap_query("The Tractor") == "a photo of a Tractor."
+    assert P.wrap_query("an apple", template="{} on a table") == "an apple on a table"
+    assert P.wrap_query("a", template="a photo of a {}.") == "a photo of a a."
     assert P.wrap_query("tractor...") == "a photo of a tractor."
-    assert P.wrap_query("tractor?") == "a photo of a tractor?."
+    assert P.wrap_query("tractor?") == "a photo of a tractor."
     assert P.wrap_query("  a red tractor in a field. ", raw=True) == "a red tractor in a field."
     assert P.wrap_query("tulip", template="a close-up of a {}") == "a close-up of a tulip"
 

@@ -1,0 +1,212 @@
+"""The evaluation report: metrics.json (every number), report.md (tables + linked figures), report.html (one file).
+
+One document (sections of paragraphs, tables and figures) is built from an :class:`~cliplens.evaluate.EvalReport`
+and rendered twice, so the Markdown and the HTML never disagree. Published anchors are always labelled as
+published and sit beside, never among, the numbers measured here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from cliplens._files import write_bytes_atomic
+from cliplens.evaluate import PUBLISHED, PUBLISHED_MODEL, EvalReport
+from cliplens.report_html import Figure, Section, Table, grid_png, plot_confusion, plot_per_class_ap, \
+    plot_template_comparison, render_html
+
+TITLE = "cliplens evaluation"
+
+
+def pct(x) -> str:
+    return "n/a" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{100 * float(x):.1f}%"
+
+
+def dumps(obj, indent: int = 2, _level: int = 0) -> str:
+    """JSON with lists of plain numbers kept on one line (a 100x100 confusion matrix stays 100 lines)."""
+    pad, inner = " " * indent * _level, " " * indent * (_level + 1)
+    if isinstance(obj, dict) and obj:
+        items = [f"{inner}{json.dumps(str(k))}: {dumps(v, indent, _level + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + "\n" + pad + "}"
+    if isinstance(obj, list) and obj and any(isinstance(v, (dict, list)) for v in obj):
+        return "[\n" + ",\n".join(inner + dumps(v, indent, _level + 1) for v in obj) + "\n" + pad + "]"
+    return json.dumps(obj)
+
+
+def model_label(m: dict) -> str:
+    """``ViT-B-32-quickgelu/openai``, ``ViT-B-32 (weights /path/ckpt.pt)`` or a self-describing ``hf-hub:`` name."""
+    if m.get("pretrained"):
+        return f"{m['name']}/{m['pretrained']}"
+    if m.get("weights_path") and ":" not in m["name"]:
+        return f"{m['name']} (weights {m['weights_path']})"
+    return str(m["name"])
+
+
+def _model_line(manifest: dict) -> str:
+    m = manifest.get("model", {})
+    src = manifest.get("source", {})
+    sha = m.get("weights_sha256") or "none (random weights)"
+    return (f"Index: {src.get('name', '?')} {src.get('split') or ''} ({manifest.get('count')} images). "
+            f"Model: {model_label(m)}, weights sha256 {sha}. "
+            f"Every number below was measured here with these weights, except those labelled published.")
+
+
+def _zero_shot(r: EvalReport, classes: int) -> Section:
+    rows = tuple((z["templates"], str(z["num_templates"]), z["classnames"], z["ensemble"], pct(z["top1"]), pct(z["top5"]),
+                  pct(z["mean_per_class_recall"]), pct(z["within_superclass_error_share"])) for z in r.zero_shot)
+    table = Table(("templates", "T", "class names", "ensembling", "top-1", "top-5", "mean per-class recall",
+                   "errors inside true superclass"), rows)
+    published = Table(("published (not measured here)", "value", "source"),
+                      tuple((f"published: {p['metric']}", pct(p["value"]), p["source"]) for p in PUBLISHED))
+    blocks: list = [f"{r.manifest.get('count')} images, {classes} classes; chance top-1 is "
+                    f"{pct(1 / classes)}.", table,
+                    f"Published anchors, for {PUBLISHED_MODEL}; compare only when the model above is that one.", published,
+                    Figure("template_comparison", "Zero-shot top-1 per template set, class-name style and ensembling "
+                           "order (blue, measured) beside the published anchors (grey, hatched).",
+                           plot_template_comparison(r.zero_shot, PUBLISHED, "zero-shot top-1"))]
+    p = r.per_template[r.primary["templates"]]
+    cm = np.asarray(p["confusion"])
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    pairs = np.argsort(-off, axis=None, kind="stable")[:10]
+    f2c = r.fine_to_coarse
+    rows = tuple((r.class_names[i], r.class_names[j], str(int(off[i, j])),
+                  "yes" if f2c is not None and f2c[i] == f2c[j] else "no")
+                 for i, j in (np.unravel_index(q, off.shape) for q in pairs) if off[i, j] > 0)
+    blocks += [f"Most frequent confusions ({r.primary['templates']}, {r.primary['classnames']} names, "
+               f"{r.primary['ensemble']}); the full {len(cm)}x{len(cm)} matrix is in metrics.json.",
+               Table(("true class", "predicted as", "images", "same superclass"), rows)]
+    if p["superclass_confusion"] is not None:
+        blocks.append(Figure("superclass_confusion", "Superclass confusion (rows: true superclass; colour: share of "
+                             "its images; numbers: counts).",
+                             plot_confusion(np.asarray(p["superclass_confusion"]), r.superclass_names,
+                                            f"superclass confusion, {r.primary['templates']} templates")))
+    return Section("Zero-shot classification", tuple(blocks))
+
+
+def _retrieval(r: EvalReport, ks: Sequence[int]) -> Section:
+    rows = []
+    for lab, p in r.per_template.items():
+        s, fp = p["retrieval"]["summary"], p["retrieval"]["superclass_fp_share"]
+        rows.append((lab, pct(s["mAP"]), pct(s["mean_r_precision"]), *(pct(s[f"mean_precision@{k}"]) for k in ks),
+                     *(pct(fp.get(k)) for k in ks)))
+    head = ("templates", "mAP", "mean R-precision", *(f"P@{k}" for k in ks), *(f"FP same superclass @{k}" for k in ks))
+    lab = r.primary["templates"]
+    per = r.per_template[lab]["retrieval"]["per_class"]
+    ap = np.asarray(per["ap"], dtype=float)
+    ok = np.flatnonzero(~np.isnan(ap))
+    order = ok[np.argsort(-ap[ok], kind="stable")]
+
+    def cls_rows(idx) -> tuple:
+        return tuple((r.class_names[i], pct(ap[i]), pct(per["r_precision"][i]), *(pct(per[f"precision@{k}"][i]) for k in ks))
+                     for i in idx)
+
+    cls_head = ("class", "AP", "R-precision", *(f"P@{k}" for k in ks))
+    return Section("Retrieval with class prompts", (
+        f"Each class's ensembled prompt is a query over all images (classes evaluated: "
+        f"{r.per_template[lab]['retrieval']['summary']['classes_evaluated']}). FP same superclass: the share of the "
+        "wrong images in the top k that belong to the query's own superclass.",
+        Table(head, tuple(rows)),
+        Figure("per_class_ap", f"Average precision per class ({lab} templates), best first, coloured by superclass.",
+               plot_per_class_ap(ap, r.class_names, r.fine_to_coarse, r.superclass_names, f"per-class AP, {lab}")),
+        "Best classes:", Table(cls_head, cls_rows(order[:5])), "Worst classes:", Table(cls_head, cls_rows(order[::-1][:5])),
+    ))
+
+
+def _counts(rows: list[dict]) -> str:
+    return ", ".join(f"{c['class']} x{c['count']}" + (" (same superclass)" if c.get("same_superclass") else "")
+                     for c in rows) or "none"
+
+
+def _cases(r: EvalReport, images: np.ndarray | None) -> list[Section]:
+    out = [Section("Case studies", (f"Single prompt: 'a photo of a ...'; ensembled: the "
+                                    f"{r.primary['case_study_ensemble']} templates. Probe queries are encoded as written.",))]
+    for cs in r.case_studies:
+        if "skipped" in cs:
+            out.append(Section(cs["class"], (f"Skipped: {cs['skipped']}.",), level=3))
+            continue
+        k10, k100 = cs["k10"], cs["k100"]
+        blocks: list = [Table(("prompt", f"P@{k10}", f"P@{k100}"),
+                              (("single", pct(cs["single"]["precision@10"]), pct(cs["single"]["precision@100"])),
+                               ("ensembled", pct(cs["ensembled"]["precision@10"]), pct(cs["ensembled"]["precision@100"])))),
+                        f"Wrong classes in the ensembled top {k100}: {_counts(cs['retrieval_confusions'])}.",
+                        f"Zero-shot: its images classified as {_counts(cs['misclassified_as'])}; other images classified "
+                        f"as {cs['class']}: {_counts(cs['mistaken_for_it'])}.",
+                        Table(("probe query", f"P@{k10}", f"P@{k100}", "most frequent classes in its top 100"),
+                              tuple((p["query"], pct(p["precision@10"]), pct(p["precision@100"]), _counts(p["top_classes"]))
+                                    for p in cs["probes"]))]
+        if images is not None:
+            g = cs["grid"]
+            ids = [int(i) for i in g["ids"]]
+            caps = [f"{lab}\n{float(s):.3f} #{i}" for lab, s, i in zip(g["labels"], g["scores"], ids)]
+            key = "case_" + re.sub(r"[^A-Za-z0-9_-]", "_", cs["class"])
+            blocks.append(Figure(key, f"Top {len(ids)} for the ensembled '{cs['class']}' prompt "
+                                 "(green border: right class, red: wrong).",
+                                 grid_png([images[i] for i in ids], caps, [bool(m) for m in g["match"]],
+                                          f"{cs['class']}: ensembled prompt, top {len(ids)}")))
+        out.append(Section(f"{cs['class']} ({cs['num_images']} images)", tuple(blocks), level=3))
+    return out
+
+
+def _resolution(r: EvalReport) -> Section:
+    res = r.resolution
+    h, w = res["from_size"]
+    rows = tuple((row["interpolation"], pct(row["top1"]), f"{row['seconds']:.1f}") for row in res["rows"])
+    rows += (("as stored in the index", pct(res["stored_top1"]), "-"),)
+    return Section("Low resolution", (
+        f"Zero-shot top-1 ({res['templates']} templates) of the first {res['count']} images, upscaled from {h}x{w} to "
+        f"{res['to_size']}x{res['to_size']} with each interpolation and re-encoded.",
+        Table(("upscaling", "top-1", "seconds"), rows)))
+
+
+def build_sections(r: EvalReport, *, ks: Sequence[int], images: np.ndarray | None = None) -> list[Section]:
+    sections = [Section("Index and model", (_model_line(r.manifest),)), _zero_shot(r, len(r.class_names)),
+                _retrieval(r, ks), *_cases(r, images)]
+    if r.resolution is not None:
+        sections.append(_resolution(r))
+    about = ["Templates: " + "; ".join(f"{k}: {len(v)}" for k, v in r.templates.items())
+             + " (every template string is in metrics.json).",
+             "Ensembling: normalize-first = L2-normalise each prompt embedding, average, normalise again "
+             "(CLIP's notebook and open_clip); average-first = average the raw embeddings, then normalise.",
+             "Seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in r.seconds.items()) + ".", *r.notes]
+    sections.append(Section("About these numbers", tuple(about)))
+    return sections
+
+
+def render_markdown(title: str, sections: Sequence[Section]) -> str:
+    lines = [f"# {title}", ""]
+    for s in sections:
+        lines += ["#" * s.level + " " + s.title, ""]
+        for b in s.blocks:
+            if isinstance(b, str):
+                lines += [b, ""]
+            elif isinstance(b, Table):
+                lines += ["| " + " | ".join(b.headers) + " |", "|" + "---|" * len(b.headers)]
+                lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in b.rows] + [""]
+            elif isinstance(b, Figure):
+                lines += [f"![{b.caption}](figures/{b.key}.png)", "", f"*{b.caption}*", ""]
+    return "\n".join(lines)
+
+
+def write_report(report: EvalReport, out_dir: str | Path, *, ks: Sequence[int], images: np.ndarray | None = None,
+                 json_path: str | Path | None = None) -> dict[str, Path]:
+    """Write metrics.json, report.md, figures/*.png and report.html into ``out_dir``; return their paths."""
+    out = Path(out_dir)
+    sections = build_sections(report, ks=ks, images=images)
+    metrics = dumps(report.to_json()) + "\n"
+    paths = {"metrics": out / "metrics.json", "markdown": out / "report.md", "html": out / "report.html"}
+    write_bytes_atomic(paths["metrics"], metrics.encode())
+    if json_path is not None:
+        paths["json"] = Path(json_path)
+        write_bytes_atomic(paths["json"], metrics.encode())
+    for s in sections:
+        for b in s.blocks:
+            if isinstance(b, Figure):
+                write_bytes_atomic(out / "figures" / f"{b.key}.png", b.png)
+    write_bytes_atomic(paths["markdown"], render_markdown(TITLE, sections).encode())
+    write_bytes_atomic(paths["html"], render_html(TITLE, sections).encode())
+    return paths
