@@ -55,19 +55,25 @@ class Searcher:
         self.index = index if index is not None else ExactIndex(store.embeddings)
         self._english = tuple(n.replace("_", " ") for n in store.class_names)
 
-    def search(self, text: str, k: int = 10, *, template: str = DEFAULT_TEMPLATE, raw: bool = False) -> SearchResult:
-        """Wrap ``text`` in ``template`` (unless ``raw``), encode it and rank the index by cosine similarity."""
+    def search(self, text: str, k: int = 10, *, template: str = DEFAULT_TEMPLATE, raw: bool = False,
+               allowed: np.ndarray | None = None, min_score: float | None = None) -> SearchResult:
+        """Wrap ``text`` in ``template`` (unless ``raw``), encode it and rank the index by cosine similarity.
+
+        ``allowed`` (bool (N,)) restricts the ranking to some items; hits scoring below ``min_score`` are dropped.
+        """
         self._check_k(k)
         prompt = wrap_query(text, template, raw=raw)
         query = self.encoder.encode_texts([prompt])[0]
-        return self.search_vector(query, k, query=text, prompt=prompt, class_hint=text)
+        return self.search_vector(query, k, query=text, prompt=prompt, class_hint=text, allowed=allowed,
+                                  min_score=min_score)
 
     def search_vector(self, vector: np.ndarray, k: int, *, query: str, prompt: str, class_hint: str | None = None,
-                      allowed: np.ndarray | None = None) -> SearchResult:
+                      allowed: np.ndarray | None = None, min_score: float | None = None) -> SearchResult:
         self._check_k(k)
         scores, ids = self.index.search(np.asarray(vector, np.float32)[None], k, allowed=allowed)
         target = match_class(class_hint, self.store.class_names) if (class_hint and self.store.has_labels) else None
-        hits = tuple(self._hit(rank, int(i), float(s), target) for rank, (i, s) in enumerate(zip(ids[0], scores[0]), 1))
+        pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if min_score is None or s >= min_score]
+        hits = tuple(self._hit(rank, i, s, target) for rank, (i, s) in enumerate(pairs, 1))
         precision = None
         if target is not None and hits:
             precision = sum(h.match for h in hits) / len(hits)

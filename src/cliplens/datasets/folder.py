@@ -225,6 +225,33 @@ def to_rgb(im):
     return im.convert("RGB")
 
 
+# --------------------------------------------------------------------------- as a BatchSource
+
+
+class FolderSource:
+    """BatchSource over image files; a file that fails to decode gets a blank stand-in and is recorded."""
+
+    def __init__(self, root: Path, rels: list[str], *, max_pixels: int):
+        self.root, self.rels, self.max_pixels = root, rels, max_pixels
+        self.failed: dict[int, str] = {}  # position -> reason
+
+    def __len__(self) -> int:
+        return len(self.rels)
+
+    def load(self, start: int, stop: int) -> list:
+        from PIL import Image
+
+        out = []
+        for i in range(start, stop):
+            try:
+                out.append(decode_image(self.root / self.rels[i], max_pixels=self.max_pixels))
+            except ImageSkipped as exc:
+                self.failed[i] = exc.reason
+                out.append(Image.new("RGB", (8, 8)))  # the indexer drops its row
+        return out
+
+
+
 # --------------------------------------------------------------------------- sidecars
 
 

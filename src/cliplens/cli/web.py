@@ -1,0 +1,98 @@
+"""Your own images in a browser: ``cliplens index FOLDER`` (through core's ``index``) and ``cliplens serve``."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from cliplens.errors import CliplensError
+
+log = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- index FOLDER
+
+
+def cmd_index_folder(args) -> int:
+    """``cliplens index PATH`` when PATH is a folder: incremental, prints one summary line."""
+    from cliplens.cli.core import default_index_dir, load_model
+    from cliplens.folder_index import FolderIndexOptions, index_folder
+
+    root = Path(args.source).expanduser()
+    if args.max_megapixels <= 0:
+        raise CliplensError(f"--max-megapixels must be positive, got {args.max_megapixels}")
+    index_dir = args.index_dir or default_index_dir(f"folder-{root.resolve().name or 'root'}")
+    options = FolderIndexOptions(exclude=tuple(args.exclude), include_hidden=args.include_hidden,
+                                 max_megapixels=args.max_megapixels, batch_size=args.batch_size, dtype=args.dtype,
+                                 progress=not args.quiet)
+    summary = index_folder(root, load_model(args), index_dir, options=options)
+    print(f"{root}: {summary.line()}")
+    return 0
+
+
+# --------------------------------------------------------------------------- serve
+
+
+def _unique_names(dirs: list[Path]) -> list[str]:
+    names: list[str] = []
+    for d in dirs:
+        base = d.resolve().name or "index"
+        name, n = base, 2
+        while name in names:
+            name, n = f"{base}-{n}", n + 1
+        names.append(name)
+    return names
+
+
+def build_searchers(args) -> dict:
+    """Open every ``--index-dir``; load each distinct model once, shared by the indexes built with it."""
+    from cliplens.cli.core import default_index_dir, load_model
+    from cliplens.search import Searcher
+    from cliplens.store import IndexStore
+
+    dirs = [Path(d).expanduser() for d in (args.index_dir or [default_index_dir()])]
+    stores = [IndexStore.open(d) for d in dirs]
+    encoders: dict[tuple, object] = {}
+    searchers = {}
+    for name, store in zip(_unique_names(dirs), stores):
+        m = store.manifest["model"]
+        key = (m["name"], m.get("weights_sha256"), args.model, args.pretrained, str(args.weights))
+        if key not in encoders:
+            encoders[key] = load_model(args, store.manifest)
+        searchers[name] = Searcher(encoder=encoders[key], store=store)
+    return searchers
+
+
+def cmd_serve(args) -> int:
+    try:
+        import uvicorn
+
+        from cliplens.web import create_app
+    except ImportError as exc:
+        raise CliplensError(f"serving needs the web extras ({exc.name} is missing): "
+                            "pip install 'cliplens[web]'") from None
+    if not 0 <= args.port <= 65535:
+        raise CliplensError(f"--port must be 0..65535, got {args.port}")
+    searchers = build_searchers(args)  # the models load here, once, before the first request
+    app = create_app(searchers)
+    listing = ", ".join(f"{n} ({len(s.store)} images)" for n, s in searchers.items())
+    print(f"serving {listing} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("listening on %s: anyone who can reach this machine can search these indexes", args.host)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
+                access_log=bool(args.verbose))
+    return 0
+
+
+def register(sub) -> None:
+    from cliplens.cli.core import add_model_flags
+
+    p = sub.add_parser("serve", help="web page + JSON API over one or more indexes",
+                       description="Serve indexes over HTTP: a search page at / and a JSON API under /api "
+                                   "(OpenAPI at /openapi.json). The model loads once at start-up.")
+    p.add_argument("--index-dir", type=Path, action="append", default=None, metavar="DIR",
+                   help="an index to serve (repeat for several; the first is the default)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    add_model_flags(p, for_query=True)
+    p.set_defaults(handler=cmd_serve)

@@ -1,0 +1,305 @@
+"""Incremental indexing of an image folder, on top of the store's IndexWriter.
+
+Each run compares the folder with the index already in ``index_dir`` (if any):
+
+- a file whose path, size and mtime are unchanged keeps its vector (nothing is read);
+- any other file is hashed (sha256); if an indexed file had the same content (a move, a rename, a copy, or
+  a ``touch``) its vector is reused, otherwise the file is decoded and embedded (added or updated);
+- indexed paths that are gone, and whose content did not move elsewhere, are removed;
+- files that cannot be decoded, or claim more than ``max_megapixels``, are skipped with one warning each.
+
+New embeddings go through ``embed_into`` into ``index_dir/pending/`` (a resumable mini-index), so an
+interrupted run continues where it stopped. The finished index is then written whole, in sorted path order,
+by a fresh IndexWriter: the manifest (written last) makes it visible, as for every cliplens index.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from cliplens.datasets.folder import (
+    DEFAULT_MAX_MEGAPIXELS,
+    FolderFile,
+    FolderSource,
+    ImageSkipped,
+    allow_pixels,
+    probe_image,
+    read_sidecar,
+    sha256_file,
+    walk_folder,
+)
+from cliplens.embed import embed_into
+from cliplens.errors import DatasetError, StoreError
+from cliplens.store import MANIFEST, IndexStore, IndexWriter
+
+log = logging.getLogger(__name__)
+
+PENDING = "pending"
+_COPY_ROWS = 8192  # rows copied per write when assembling the index (8192 x 512 x 4 B = 16 MB)
+
+
+@dataclass(frozen=True)
+class FolderIndexOptions:
+    exclude: tuple[str, ...] = ()
+    include_hidden: bool = False
+    max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
+    batch_size: int = 32
+    dtype: str = "float32"
+    workers: int = 2  # decoding threads
+    progress: bool = True
+
+    @property
+    def max_pixels(self) -> int:
+        return int(self.max_megapixels * 1_000_000)
+
+
+@dataclass(frozen=True)
+class FolderIndexSummary:
+    root: str
+    index_dir: str
+    total: int  # items in the index now
+    added: int
+    updated: int
+    removed: int
+    reused: int  # vectors taken over from another path with the same content (moved, renamed, copied)
+    unchanged: int
+    skipped: int
+    skipped_files: tuple[tuple[str, str], ...] = field(default=())  # (relative path, reason)
+    embedded_seconds: float = 0.0
+
+    def line(self) -> str:
+        return (f"{self.added} added, {self.updated} updated, {self.removed} removed, {self.reused} reused, "
+                f"{self.skipped} skipped ({self.unchanged} unchanged; {self.total} images in {self.index_dir})")
+
+    def to_json(self) -> dict:
+        d = dict(self.__dict__)
+        d["skipped_files"] = [{"path": p, "reason": r} for p, r in self.skipped_files]
+        return d
+
+
+class _ZeroFailed:
+    """Writer proxy that stores zero rows for failed images: encoder output is never zero, so zero = skipped."""
+
+    def __init__(self, writer: IndexWriter, failed: dict[int, str]):
+        self.writer, self.failed = writer, failed
+
+    def start(self) -> int:
+        return self.writer.start()
+
+    def write(self, start: int, vectors: np.ndarray) -> None:
+        bad = [i - start for i in self.failed if start <= i < start + len(vectors)]
+        if bad:
+            vectors = vectors.copy()
+            vectors[bad] = 0
+        self.writer.write(start, vectors)
+
+    def checkpoint(self, rows_done: int) -> None:
+        self.writer.checkpoint(rows_done)
+
+
+@dataclass
+class _Plan:
+    """What to do with each file: keep a previous vector, embed it, or skip it."""
+
+    keep: dict = field(default_factory=dict)  # rel -> ("unchanged" | "reused", sha256, previous row)
+    todo: list = field(default_factory=list)  # (FolderFile, sha256, "added" | "updated")
+    skipped: list = field(default_factory=list)  # (rel, reason)
+
+
+def _previous(index_dir: Path, info):
+    """The existing folder index in ``index_dir`` if its vectors can be reused with this model, else None."""
+    if not (index_dir / MANIFEST).is_file():
+        return None
+    try:
+        store = IndexStore.open(index_dir)
+    except StoreError as exc:
+        log.warning("ignoring the unreadable index in %s (%s); re-embedding everything", index_dir, exc)
+        return None
+    source = store.manifest.get("source", {})
+    if source.get("type") != "folder":
+        raise DatasetError(f"{index_dir} holds a {source.get('name', 'non-folder')} index, not a folder index: "
+                           "choose another --index-dir")
+    built = store.manifest["model"]
+    if built["name"] != info.name or built.get("weights_sha256") != info.weights_sha256 or store.dim != info.embed_dim:
+        log.warning("%s was built with another model (%s); re-embedding everything", index_dir, built["name"])
+        return None
+    return store
+
+
+def _plan(root: Path, files: list[FolderFile], prev, options: FolderIndexOptions) -> _Plan:
+    from tqdm import tqdm
+
+    plan = _Plan()
+    items = prev.items if prev is not None else {}
+    by_rel = {str(r): i for i, r in enumerate(items.get("path", ()))}
+    by_sha: dict[str, int] = {}
+    for i, sha in enumerate(items.get("sha256", ())):
+        by_sha.setdefault(str(sha), i)
+    same_root = prev is not None and prev.manifest["source"].get("root") == str(root)
+    known_bad = {(b["path"], b.get("size"), b.get("mtime_ns")): b["reason"]  # unchanged bad files: not retried
+                 for b in (prev.manifest.get("folder", {}).get("skipped", []) if same_root else [])}
+    need_hash = []
+    for f in files:
+        i = by_rel.get(f.rel)
+        if (f.rel, f.size, f.mtime_ns) in known_bad:
+            plan.skipped.append((f.rel, known_bad[f.rel, f.size, f.mtime_ns]))
+        elif i is not None and same_root and (int(items["size"][i]), int(items["mtime_ns"][i])) == (f.size, f.mtime_ns):
+            plan.keep[f.rel] = ("unchanged", str(items["sha256"][i]), i)
+        else:
+            need_hash.append(f)
+    bar = tqdm(total=sum(f.size for f in need_hash), unit="B", unit_scale=True, desc="hashing",
+               disable=not options.progress or not need_hash, dynamic_ncols=True)
+    for f in need_hash:
+        bar.update(f.size)
+        try:
+            sha = sha256_file(root / f.rel)
+        except OSError as exc:
+            plan.skipped.append((f.rel, f"cannot read ({exc.strerror})"))
+            continue
+        j = by_sha.get(sha)
+        if j is not None:  # this content is indexed already: a move, rename, copy, or touch
+            same_path = f.rel in by_rel and str(items["sha256"][by_rel[f.rel]]) == sha
+            plan.keep[f.rel] = ("unchanged" if same_path else "reused", sha, j)
+            continue
+        try:
+            probe_image(root / f.rel, max_pixels=options.max_pixels)  # header only: bombs stop here, cheaply
+        except ImageSkipped as exc:
+            plan.skipped.append((f.rel, exc.reason))
+            continue
+        plan.todo.append((f, sha, "updated" if f.rel in by_rel else "added"))
+    bar.close()
+    return plan
+
+
+def index_folder(root: str | Path, encoder, index_dir: str | Path, *,
+                 options: FolderIndexOptions = FolderIndexOptions()) -> FolderIndexSummary:
+    """Bring ``index_dir`` up to date with the images under ``root``; see the module docstring."""
+    root = Path(root).expanduser().resolve()
+    index_dir = Path(index_dir).expanduser()
+    info = encoder.info
+    allow_pixels(options.max_pixels)
+    files = walk_folder(root, exclude=options.exclude, include_hidden=options.include_hidden)
+    prev = _previous(index_dir, info)
+    plan = _plan(root, files, prev, options)
+
+    # ---- embed what is new, resumably, in index_dir/pending
+    t0 = time.perf_counter()
+    todo = plan.todo
+    new_vectors = np.zeros((0, info.embed_dim), np.float32)
+    if todo:
+        new_vectors, failed = _embed_pending(root, [t[0].rel for t in todo], [t[1] for t in todo], encoder,
+                                             index_dir / PENDING, options)
+        plan.skipped += [(todo[pos][0].rel, reason) for pos, reason in sorted(failed.items())]
+    embedded_seconds = time.perf_counter() - t0
+    for rel, reason in plan.skipped:
+        log.warning("skipped %s: %s", rel, reason)
+
+    # ---- assemble every usable file, in path order
+    failed_rels = {rel for rel, _ in plan.skipped}
+    new_pos = {t[0].rel: p for p, t in enumerate(todo)}
+    counts = dict(added=0, updated=0, reused=0, unchanged=0)
+    rows: list[tuple[FolderFile, str, str, int]] = []  # (file, sha256, "prev"/"new", row there)
+    for f in files:
+        if f.rel in plan.keep and f.rel not in failed_rels:
+            how, sha, i = plan.keep[f.rel]
+            rows.append((f, sha, "prev", i))
+        elif f.rel in new_pos and f.rel not in failed_rels:
+            _, sha, how = todo[new_pos[f.rel]]
+            rows.append((f, sha, "new", new_pos[f.rel]))
+        else:
+            continue
+        counts[how] += 1
+    if not rows:
+        raise DatasetError(f"no usable images under {root} ({len(files)} image files found, {len(plan.skipped)} "
+                           "skipped): check the path, --exclude and --include-hidden")
+    present = {f.rel for f in files}
+    moved = {sha for how, sha, _ in plan.keep.values() if how == "reused"}
+    removed = 0 if prev is None else sum(1 for rel, sha in zip(prev.items["path"], prev.items["sha256"])
+                                         if str(rel) not in present and str(sha) not in moved)
+    summary = FolderIndexSummary(root=str(root), index_dir=str(index_dir), total=len(rows), removed=removed,
+                                 skipped=len(plan.skipped), skipped_files=tuple(plan.skipped),
+                                 embedded_seconds=embedded_seconds, **counts)
+    prev_emb = prev.embeddings if prev is not None else None
+    del prev  # the old embeddings file is replaced when the new index is written
+    _write_index(index_dir, root, info, rows, prev_emb, new_vectors, files, summary, options)
+    shutil.rmtree(index_dir / PENDING, ignore_errors=True)
+    return summary
+
+
+def _write_index(index_dir: Path, root: Path, info, rows, prev_emb, new_vectors, files, summary, options) -> None:
+    captions = [read_sidecar(root / f.rel) for f, *_ in rows]
+    listing = [[f.rel, f.size, f.mtime_ns, sha, cap, meta] for (f, sha, _, _), (cap, meta) in zip(rows, captions)]
+    fingerprint = hashlib.sha256(json.dumps(listing, ensure_ascii=False).encode()).hexdigest()
+    identity = {"model": info.name, "pretrained": info.pretrained, "weights_sha256": info.weights_sha256,
+                "precision": info.precision, "source": "folder", "root": str(root), "count": len(rows),
+                "fingerprint": fingerprint, "dtype": options.dtype}
+    writer = IndexWriter(root=index_dir, identity=identity, dim=info.embed_dim)
+    if writer.is_complete():  # same files, same captions, same model: nothing to write
+        return
+    writer.start()
+    for lo in range(0, len(rows), _COPY_ROWS):
+        chunk = rows[lo : lo + _COPY_ROWS]
+        block = np.empty((len(chunk), info.embed_dim), np.float32)
+        for r, (_, _, src, i) in enumerate(chunk):
+            block[r] = prev_emb[i] if src == "prev" else new_vectors[i]
+        writer.write(lo, block)
+    writer.checkpoint(len(rows))
+    items = {
+        "id": np.arange(len(rows), dtype=np.int64),
+        "ref": [f.rel for f, *_ in rows],
+        "path": [f.rel for f, *_ in rows],
+        "mtime_ns": np.array([f.mtime_ns for f, *_ in rows], np.int64),
+        "size": np.array([f.size for f, *_ in rows], np.int64),
+        "sha256": [sha for _, sha, _, _ in rows],
+        "caption": [c for c, _ in captions],
+        "meta": [m for _, m in captions],
+    }
+    by_file = {f.rel: f for f in files}
+    n_new = summary.added + summary.updated
+    seconds = summary.embedded_seconds
+    manifest = {
+        "model": dict(info.__dict__),
+        "preprocess": info.preprocess,
+        "source": {"type": "folder", "name": "folder", "root": str(root), "exclude": list(options.exclude),
+                   "include_hidden": options.include_hidden, "max_megapixels": options.max_megapixels,
+                   "fingerprint": {"verified": None, "sha256": fingerprint}},
+        "class_names": None,
+        "superclass_names": None,
+        "fine_to_coarse": None,
+        "folder": {"summary": {k: v for k, v in summary.to_json().items() if k != "skipped_files"},
+                   "skipped": [{"path": rel, "reason": reason, "size": by_file[rel].size,
+                                "mtime_ns": by_file[rel].mtime_ns} for rel, reason in summary.skipped_files]},
+        "stats": {"seconds": round(seconds, 3), "batch_size": options.batch_size,  # this run's embedding
+                  "images_per_second": round(n_new / seconds, 2)} if n_new and seconds > 0 else None,
+    }
+    writer.finalize(items=items, manifest=manifest)
+
+
+def _embed_pending(root: Path, rels: list[str], shas: list[str], encoder, pending_dir: Path,
+                   options: FolderIndexOptions) -> tuple[np.ndarray, dict[int, str]]:
+    """Embed ``rels`` into the resumable mini-index ``pending_dir``; return (vectors, failed position -> reason)."""
+    info = encoder.info
+    identity = {"model": info.name, "weights_sha256": info.weights_sha256, "precision": info.precision,
+                "source": "folder-pending", "count": len(rels),
+                "fingerprint": hashlib.sha256(json.dumps([rels, shas]).encode()).hexdigest(),
+                "dtype": "float32", "batch_size": options.batch_size}
+    writer = IndexWriter(root=pending_dir, identity=identity, dim=info.embed_dim)
+    source = FolderSource(root, rels, max_pixels=options.max_pixels)
+    if not writer.is_complete():
+        embed_into(source, encoder, _ZeroFailed(writer, source.failed), batch_size=options.batch_size,
+                   checkpoint_every=1, workers=options.workers, progress=options.progress)
+        writer.finalize(items={"id": np.arange(len(rels), dtype=np.int64), "ref": rels, "sha256": shas},
+                        manifest={"model": dict(info.__dict__), "source": {"type": "folder-pending"}})
+    vectors = np.load(pending_dir / "embeddings.npy")
+    failed = dict(source.failed)
+    for pos in np.flatnonzero(~vectors.any(axis=1)):  # zero rows: failed here or in an interrupted earlier run
+        failed.setdefault(int(pos), "could not be decoded")
+    return vectors, failed

@@ -1,0 +1,85 @@
+"""Item images for the web page, served by item id only.
+
+CIFAR-style indexes store their 32 px images in ``images.npy``: those are enlarged with nearest-neighbour
+(whole-pixel blocks, as a person expects to see a tiny image). Folder indexes keep relative paths: the file is
+joined to the indexed root and refused if the result leaves it (a tampered ``items.parquet`` cannot make the
+server read /etc/passwd), decoded with the same safety limits as indexing and shrunk to a thumbnail.
+"""
+
+from __future__ import annotations
+
+import io
+import threading
+from collections import OrderedDict
+
+import numpy as np
+
+from cliplens.datasets.folder import DEFAULT_MAX_MEGAPIXELS, ImageSkipped, decode_image, safe_join
+from cliplens.errors import DatasetError
+
+THUMB_SIZES = (64, 128, 256, 512, 1024)
+
+
+class ImageNotAvailable(Exception):
+    """The item exists but its image cannot be shown; the message says why."""
+
+
+class ThumbnailCache:
+    """Encoded thumbnails by (index, id, size), least recently used dropped first, at most ``max_bytes``."""
+
+    def __init__(self, max_bytes: int = 64 * 1024 * 1024):
+        self.max_bytes = max_bytes
+        self._bytes = 0
+        self._data: OrderedDict[tuple, tuple[bytes, str]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: tuple) -> tuple[bytes, str] | None:
+        with self._lock:
+            hit = self._data.get(key)
+            if hit is not None:
+                self._data.move_to_end(key)
+            return hit
+
+    def put(self, key: tuple, value: tuple[bytes, str]) -> None:
+        with self._lock:
+            old = self._data.pop(key, None)
+            self._bytes += len(value[0]) - (len(old[0]) if old else 0)
+            self._data[key] = value
+            while self._bytes > self.max_bytes and len(self._data) > 1:
+                _, dropped = self._data.popitem(last=False)
+                self._bytes -= len(dropped[0])
+
+
+def item_image(store, item_id: int, size: int) -> tuple[bytes, str]:
+    """(encoded bytes, media type) of item ``item_id`` at most ``size`` px on its longer side."""
+    from PIL import Image
+
+    images = store.images()
+    if images is not None:
+        tile = np.asarray(images[item_id])
+        scale = max(1, size // max(tile.shape[:2]))
+        big = tile.repeat(scale, axis=0).repeat(scale, axis=1)  # nearest-neighbour enlargement
+        return _encode(Image.fromarray(big), "PNG")
+    source = store.manifest.get("source", {})
+    if source.get("type") != "folder" or "path" not in store.items:
+        raise ImageNotAvailable(f"index {store.root.name} stores no images to show")
+    rel = str(store.items["path"][item_id])
+    try:
+        path = safe_join(source["root"], rel)
+    except DatasetError as exc:
+        raise ImageNotAvailable(str(exc)) from None
+    if not path.is_file():
+        raise ImageNotAvailable(f"the image file of item {item_id} is gone; run `cliplens index` on the folder again")
+    max_pixels = int(float(source.get("max_megapixels") or DEFAULT_MAX_MEGAPIXELS) * 1_000_000)
+    try:
+        im = decode_image(path, max_pixels=max_pixels)
+    except ImageSkipped as exc:
+        raise ImageNotAvailable(f"cannot show item {item_id}: {exc.reason}") from None
+    im.thumbnail((size, size), Image.Resampling.LANCZOS)
+    return _encode(im, "JPEG")
+
+
+def _encode(im, fmt: str) -> tuple[bytes, str]:
+    buf = io.BytesIO()
+    im.save(buf, format=fmt, **({"quality": 85} if fmt == "JPEG" else {}))
+    return buf.getvalue(), "image/png" if fmt == "PNG" else "image/jpeg"

@@ -1,0 +1,174 @@
+"""The page in a real browser: Debian's chromium driven by Playwright against a live ``cliplens serve``.
+
+Loopback only: any request the page makes to another host is blocked and fails the test. Set
+CLIPLENS_SCREENSHOT=path.png to keep a copy of the screenshot (docs/web-ui.png is made that way).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def server(tiny_index, tmp_path):
+    pytest.importorskip("playwright.sync_api")
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is not installed (.ci/run installs Debian's chromium)")
+    port = free_port()
+    log = open(tmp_path / "server.log", "w")
+    # conftest put HF_HOME, HF_HUB_OFFLINE and CLIPLENS_HOME in os.environ: the server inherits them
+    second = tmp_path / "second" / tiny_index.name  # the same index again, to have something to switch to
+    shutil.copytree(tiny_index, second)
+    proc = subprocess.Popen([sys.executable, "-m", "cliplens", "serve", "--index-dir", str(tiny_index),
+                             "--index-dir", str(second), "--host", "127.0.0.1", "--port", str(port),
+                             "--device", "cpu"],
+                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                log.flush()
+                pytest.fail(f"cliplens serve did not start:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.25)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=15)
+        log.close()
+
+
+def test_search_similar_drop_and_keyboard(server, tiny_index, tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    from cliplens.store import IndexStore
+
+    foreign: list[str] = []
+    errors: list[str] = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 860})
+            page.set_default_timeout(20_000)
+
+            def only_loopback(route):
+                if route.request.url.startswith(server) or route.request.url.startswith("data:"):
+                    route.continue_()
+                else:
+                    foreign.append(route.request.url)
+                    route.abort()
+
+            page.route("**/*", only_loopback)
+            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(server + "/")
+            page.wait_for_selector("#index option", state="attached")  # the index list arrived
+
+            # type a query: debounced live search, tiles with marks and precision@k
+            page.fill("#q", "tulip")
+            page.wait_for_function("document.querySelectorAll('#results .tile').length === 24")
+            status = page.inner_text("#status")
+            assert "precision@24" in status and "tulip" in status
+            assert page.locator("#results .tile.correct, #results .tile.incorrect").count() == 24
+            page.wait_for_function("Array.from(document.querySelectorAll('#results img'))"
+                                   ".filter(i => i.getBoundingClientRect().top < innerHeight)"
+                                   ".every(i => i.complete && i.naturalWidth === 256)")  # CIFAR 32 px, enlarged
+            page.screenshot(path=str(tmp_path / "web-ui.png"))
+
+            # the superclass filter
+            page.select_option("#superclass", "flowers")
+            page.wait_for_function("document.querySelectorAll('#results .tile').length === 10")
+            assert set(page.locator("#results .superclass").all_inner_texts()) == {"flowers"}
+            page.select_option("#superclass", "")
+            page.wait_for_function("document.querySelectorAll('#results .tile').length === 24")
+
+            # the index switcher: two indexes, the same query runs on the other one
+            assert page.locator("#index option").count() == 2
+            page.select_option("#index", "cifar100-test-2")
+            page.wait_for_function("document.getElementById('status').textContent.includes('in cifar100-test-2')")
+            assert "index=cifar100-test-2" in page.locator("#results img").first.get_attribute("src")
+            page.select_option("#index", "cifar100-test")
+            page.wait_for_function("document.getElementById('status').textContent.includes('in cifar100-test ')")
+
+            # click a result: more like this
+            first = page.locator("#results .tile").first
+            clicked = first.get_attribute("data-id")
+            first.click()
+            page.wait_for_function(f"document.getElementById('status').textContent.includes('like #{clicked}')")
+            ids = page.locator("#results .tile").evaluate_all("ts => ts.map(t => t.dataset.id)")
+            assert len(ids) == 24 and clicked not in ids
+            page.screenshot(path=str(tmp_path / "web-ui-similar.png"))
+
+            # keyboard only: "/" to the box, type, arrow down into the grid, Enter for more like this
+            page.keyboard.press("Escape")  # clears the box and the results
+            assert page.input_value("#q") == "" and page.locator("#results .tile").count() == 0
+            page.evaluate("document.activeElement.blur()")
+            page.keyboard.press("/")
+            assert page.evaluate("document.activeElement.id") == "q"
+            page.keyboard.type("tractor")
+            page.keyboard.press("Enter")
+            page.wait_for_function("document.getElementById('status').textContent.includes('a photo of a tractor.')")
+            page.keyboard.press("ArrowDown")
+            page.keyboard.press("ArrowRight")
+            focused = page.evaluate("document.activeElement.dataset.id")
+            assert focused == page.locator("#results .tile").nth(1).get_attribute("data-id")
+            page.keyboard.press("Enter")
+            page.wait_for_function(f"document.getElementById('status').textContent.includes('like #{focused}')")
+
+            # drop an image file onto the page: search by image (the index's own image 7 comes first)
+            from PIL import Image
+
+            buf = io.BytesIO()
+            Image.fromarray(np.asarray(IndexStore.open(tiny_index).images()[7])).save(buf, "PNG")
+            page.evaluate("""(b64) => {
+                const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+                const dt = new DataTransfer();
+                dt.items.add(new File([bytes], "query.png", {type: "image/png"}));
+                window.dispatchEvent(new DragEvent("dragenter", {dataTransfer: dt, bubbles: true}));
+                window.dispatchEvent(new DragEvent("drop", {dataTransfer: dt, bubbles: true, cancelable: true}));
+            }""", base64.b64encode(buf.getvalue()).decode())
+            page.wait_for_function("document.getElementById('status').textContent.includes('query.png')")
+            assert page.locator("#results .tile").first.get_attribute("data-id") == "7"
+            assert page.is_hidden("#drop-overlay")
+        finally:
+            browser.close()
+    assert foreign == [], f"the page tried to reach other hosts: {foreign}"
+    assert errors == [], errors
+    assert (tmp_path / "web-ui.png").stat().st_size > 10_000
+    keep = os.environ.get("CLIPLENS_SCREENSHOT")
+    if keep:
+        shutil.copy(tmp_path / "web-ui.png", keep)
