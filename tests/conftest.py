@@ -82,3 +82,28 @@ def tiny_index(tmp_path_factory, cifar_test, tiny_encoder) -> Path:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+CHROMIUM = "/usr/bin/chromium"  # Debian's; Playwright's own browser download is impossible offline
+
+
+@pytest.fixture(scope="session")
+def playwright_api():
+    """Playwright's sync API, driving Debian's Chromium.
+
+    A developer machine without them skips the browser tests and says what to install; in CI (CI=true, where
+    .ci/run installs both) their absence fails the run instead, so a skip can never hide a broken page there.
+    """
+    missing = []
+    try:
+        from playwright import sync_api
+    except ImportError:
+        missing.append("pip install playwright")
+    if not Path(CHROMIUM).is_file():
+        missing.append("apt-get install chromium")
+    if missing:
+        message = f"browser tests need: {'; '.join(missing)}"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return sync_api

@@ -30,10 +30,8 @@ def report_html(tiny_index, tiny_encoder, tmp_path_factory) -> Path:
     return write_report(report, out, ks=config.ks, images=store.images())["html"]
 
 
-def test_report_opens_in_headless_chromium(report_html, tmp_path):
-    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright (the Python package)")
-    if not Path(CHROMIUM).is_file():
-        pytest.skip("no chromium binary: apt-get install chromium")
+def test_report_opens_in_headless_chromium(report_html, tmp_path, playwright_api):
+    sync_api = playwright_api
     # The page must stand alone: copy it away from its figures/ folder so nothing can be fetched from beside it.
     page_path = tmp_path / "alone" / "report.html"
     page_path.parent.mkdir()

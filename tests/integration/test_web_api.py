@@ -13,8 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-pytest.importorskip("fastapi")
-pytest.importorskip("httpx")
 
 from fastapi.testclient import TestClient  # noqa: E402
 

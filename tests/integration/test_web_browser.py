@@ -34,10 +34,7 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def server(tiny_index, tmp_path):
-    pytest.importorskip("playwright.sync_api")
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is not installed (.ci/run installs Debian's chromium)")
+def server(tiny_index, tmp_path, playwright_api):
     port = free_port()
     log = open(tmp_path / "server.log", "w")
     # conftest put HF_HOME, HF_HUB_OFFLINE and CLIPLENS_HOME in os.environ: the server inherits them
