@@ -52,11 +52,55 @@ class EmbedStats:
         return self.count / self.seconds if self.seconds > 0 else 0.0
 
 
-def embed_into(source: BatchSource, encoder, writer: IndexWriter, *, batch_size: int, checkpoint_every: int = 4,
+AUTO_BATCH_TOKENS = 3200  # CPU: image-tower tokens per batch (ViT-B/32: 64 images x 50 tokens); see choose_batch_size
+AUTO_BATCH_LIMIT = 256
+
+
+def choose_batch_size(encoder, *, limit: int = AUTO_BATCH_LIMIT) -> int:
+    """The batch size used when none is given: a quick probe of the model and device, deterministic.
+
+    On a GPU, the largest power of two up to ``limit`` whose batch of blank images runs without running out
+    of memory. On a CPU, throughput stops growing once a batch holds a few thousand image tokens (measured
+    for ViT-B/32 in docs/performance.md), and larger batches only cost memory, so: enough images for
+    AUTO_BATCH_TOKENS tokens, as a power of two in [8, limit] (ViT-B/32: 64, ViT-B/16: 16). The same
+    model on the same device always gets the same size, so a resumed run batches as the first one did.
+    """
+    if str(getattr(encoder, "device", "cpu")).startswith("cuda"):
+        return _probe_gpu_memory(encoder, limit)
+    grid = getattr(getattr(getattr(encoder, "model", None), "visual", None), "grid_size", None)
+    if not grid:
+        return min(64, limit)  # not a ViT (ResNet towers): the long-standing default
+    tokens = int(np.prod(grid)) + 1
+    size = 8
+    while size * 2 <= limit and size * 2 * tokens <= AUTO_BATCH_TOKENS:
+        size *= 2
+    return size
+
+
+def _probe_gpu_memory(encoder, limit: int) -> int:
+    import torch
+
+    s = encoder.info.image_size
+    size = 1 << (max(1, limit).bit_length() - 1)
+    while size > 8:
+        try:
+            encoder.encode_pixels(np.zeros((size, 3, s, s), np.float32))
+            break
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            size //= 2
+    log.info("batch size %d (GPU memory probe)", size)
+    return size
+
+
+def embed_into(source: BatchSource, encoder, writer: IndexWriter, *, batch_size: int | None = None,
+               checkpoint_every: int = 4,
                workers: int = 2, progress: bool = True, on_batch: Callable[[int], None] | None = None) -> EmbedStats:
     """Embed every image of ``source`` into ``writer``, resuming where a previous run stopped."""
     from tqdm import tqdm
 
+    if batch_size is None:
+        batch_size = choose_batch_size(encoder)
     n = len(source)
     done = writer.start()
     starts = list(range(done, n, batch_size))
@@ -85,10 +129,16 @@ def embed_into(source: BatchSource, encoder, writer: IndexWriter, *, batch_size:
     return EmbedStats(count=n - done, resumed_from=done, seconds=time.perf_counter() - t0)
 
 
-def index_labeled(data, encoder, index_dir: str | Path, *, batch_size: int = 64, dtype: str = "float32",
-                  checkpoint_every: int = 4, progress: bool = True, store_images: bool = True) -> tuple[dict, EmbedStats]:
-    """Index a labelled image set (``cliplens.datasets.LabeledImages``): embeddings, items and manifest."""
+def index_labeled(data, encoder, index_dir: str | Path, *, batch_size: int | None = None, dtype: str = "float32",
+                  checkpoint_every: int = 4, progress: bool = True, store_images: bool = True,
+                  embed_fn: Callable[..., EmbedStats] | None = None) -> tuple[dict, EmbedStats]:
+    """Index a labelled image set (``cliplens.datasets.LabeledImages``): embeddings, items and manifest.
+
+    ``embed_fn`` replaces :func:`embed_into` (same signature), e.g. ``RayEngine(...).embed_into`` to embed on Ray.
+    """
     info = encoder.info
+    if batch_size is None:
+        batch_size = choose_batch_size(encoder)
     identity = {
         "model": info.name,
         "pretrained": info.pretrained,
@@ -108,8 +158,8 @@ def index_labeled(data, encoder, index_dir: str | Path, *, batch_size: int = 64,
         from cliplens.store import IndexStore
 
         return IndexStore.open(index_dir).manifest, EmbedStats(0, len(data), 0.0)
-    stats = embed_into(ArraySource(data.images), encoder, writer, batch_size=batch_size,
-                       checkpoint_every=checkpoint_every, progress=progress)
+    stats = (embed_fn or embed_into)(ArraySource(data.images), encoder, writer, batch_size=batch_size,
+                                     checkpoint_every=checkpoint_every, progress=progress)
     superclass = data.coarse_labels if data.coarse_labels is not None else None
     items = {
         "id": np.arange(len(data), dtype=np.int64),

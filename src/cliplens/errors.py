@@ -39,3 +39,11 @@ class ModelMismatchError(StoreError):
 
 class QueryError(CliplensError):
     """A query is empty, malformed, or asks for an impossible k."""
+
+
+class BackendError(CliplensError):
+    """A vector index backend is unknown, misconfigured, unreachable, or was built for another index."""
+
+
+class EngineError(CliplensError):
+    """A distributed engine (Ray) cannot be reached or could not finish a job."""

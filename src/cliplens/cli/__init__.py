@@ -15,7 +15,7 @@ from cliplens import __version__
 from cliplens.errors import CliplensError
 
 # Modules that add subcommands, in help order. Each has ``register(subparsers)``.
-COMMAND_MODULES = ["cliplens.cli.core"]
+COMMAND_MODULES = ["cliplens.cli.core", "cliplens.cli.evaluate", "cliplens.cli.web", "cliplens.cli.bench", "cliplens.cli.scale"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -35,7 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, --version, usage errors: already printed
+        return int(exc.code or 0)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
     if not getattr(args, "handler", None):

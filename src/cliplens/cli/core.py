@@ -28,6 +28,9 @@ def add_model_flags(p: argparse.ArgumentParser, *, for_query: bool = False) -> N
     g.add_argument("--pretrained", default=None, help=f"pretrained tag{default_note or ' (default openai)'}")
     g.add_argument("--weights", type=Path, default=None, help="a local checkpoint file instead of the tag")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    g.add_argument("--precision", default="exact", choices=["exact", "fast"],
+                   help="exact (default): fp32, the reference's answers; fast: int8 image tower where the CPU "
+                        "supports it (mean cosine >= 0.999 to exact; see docs/performance.md)")
 
 
 def load_model(args, manifest: dict | None = None):
@@ -43,7 +46,8 @@ def load_model(args, manifest: dict | None = None):
         if weights is None:
             raise CliplensError("this index was built with random weights; pass --weights or --pretrained")
     pretrained = args.pretrained or (built.get("pretrained") if not args.model else None) or DEFAULT_PRETRAINED
-    return load_encoder(name, pretrained, weights=weights, device=args.device)
+    return load_encoder(name, pretrained, weights=weights, device=args.device,
+                        precision=getattr(args, "precision", "exact"))
 
 
 def _positive_int(text: str) -> int:
@@ -60,24 +64,36 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_index(args) -> int:
+    from cliplens.cli.scale import build_after_index, engine_embed_fn
     from cliplens.datasets import load_cifar
     from cliplens.embed import index_labeled
 
     source = args.source.lower()
     if source.replace("-", "") not in ("cifar100", "cifar10"):
-        raise CliplensError(f"unknown source {args.source!r}: use cifar100 or cifar10")
+        if Path(args.source).expanduser().is_dir():  # an image folder: incremental indexing
+            from cliplens.cli.web import cmd_index_folder
+
+            if args.engine != "local":
+                raise CliplensError("--engine ray embeds cifar100/cifar10; index an image folder with --engine local")
+            code = cmd_index_folder(args)
+            root = Path(args.source).expanduser().resolve()
+            build_after_index(args, args.index_dir or default_index_dir(f"folder-{root.name or 'root'}"))
+            return code
+        raise CliplensError(f"unknown source {args.source!r}: use cifar100, cifar10 or the path of an image folder")
     index_dir = args.index_dir or default_index_dir(f"{source.replace('-', '')}-{args.split}")
     data = load_cifar(source, args.split, data_dir=args.data_dir, verify=not args.no_verify, limit=args.limit,
                       progress=not args.quiet)
     encoder = load_model(args)
     manifest, stats = index_labeled(data, encoder, index_dir, batch_size=args.batch_size, dtype=args.dtype,
-                                    checkpoint_every=args.checkpoint_every, progress=not args.quiet)
+                                    checkpoint_every=args.checkpoint_every, progress=not args.quiet,
+                                    embed_fn=engine_embed_fn(args))
     if stats.count == 0:
         print(f"{index_dir}: already complete ({manifest['count']} images), nothing to do")
     else:
         resumed = f", resumed at {stats.resumed_from}" if stats.resumed_from else ""
         print(f"indexed {stats.count} images in {stats.seconds:.1f} s ({stats.images_per_second:.1f} img/s{resumed}) "
               f"-> {index_dir}")
+    build_after_index(args, index_dir)
     return 0
 
 
@@ -85,16 +101,21 @@ def cmd_index(args) -> int:
 
 
 def open_searcher(args):
+    from cliplens.cli.scale import open_backend
     from cliplens.search import Searcher
     from cliplens.store import IndexStore
 
     store = IndexStore.open(args.index_dir or default_index_dir())
-    return Searcher(encoder=load_model(args, store.manifest), store=store)
+    index = open_backend(store, args) if hasattr(args, "backend") else None
+    return Searcher(encoder=load_model(args, store.manifest), store=store, index=index)
 
 
 def cmd_search(args) -> int:
+    from cliplens.query import search_words
+
     searcher = open_searcher(args)
-    result = searcher.search(args.query, args.k, template=args.template, raw=args.raw)
+    result = search_words(searcher, args.query, args.k, images=args.image, similar=args.similar, where=args.where,
+                          min_score=args.min_score, template=args.template, raw=args.raw)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
@@ -109,7 +130,7 @@ def cmd_search(args) -> int:
 def format_result(result, searcher) -> str:
     m = searcher.store.manifest["model"]
     lines = [f'query "{result.query}" -> prompt "{result.prompt}"  '
-             f"({m['name']}/{m.get('pretrained') or 'file'}, {len(searcher.store)} images)"]
+             f"({model_label(m)}, {len(searcher.store)} images)"]
     labelled = searcher.store.has_labels
     header = f"{'rank':>4}  {'score':>6}  {'id':>6}  " + (f"{'label':<22}{'superclass'}" if labelled else "ref")
     lines.append(header)
@@ -120,6 +141,12 @@ def format_result(result, searcher) -> str:
     if result.precision_at_k is not None:
         lines.append(f'precision@{len(result.hits)} for class "{result.query_class}": {result.precision_at_k:.2f}')
     return "\n".join(lines)
+
+
+def model_label(model: dict) -> str:
+    if model.get("pretrained"):
+        return f"{model['name']}/{model['pretrained']}"
+    return model["name"] if ":" in model["name"] else f"{model['name']} ({model.get('weights_path')})"
 
 
 def save_result_grid(searcher, result, path) -> Path:
@@ -156,8 +183,9 @@ def cmd_info(args) -> int:
         ("index", str(store.root)),
         ("items", f"{m['count']} x {m['embedding_dim']} {m['dtype']}"),
         ("source", f"{src.get('name')} {src.get('split') or ''}".strip()),
+        ("root", src.get("root")) if src.get("type") == "folder" else
         ("verified", "official checksums" if fp.get("verified") else "not verified (--no-verify)"),
-        ("model", f"{model['name']} / {model.get('pretrained') or 'weights file'}"),
+        ("model", model_label(model)),
         ("weights sha256", model.get("weights_sha256") or "none (random weights)"),
         ("preprocess", m.get("preprocess", "")),
         ("classes", f"{len(store.class_names)} classes, {len(store.superclass_names)} superclasses"
@@ -207,30 +235,46 @@ def cmd_demo(args) -> int:
 
 
 def register(sub) -> None:
+    from cliplens.cli.scale import add_backend_flags, add_engine_flags
+
     p = sub.add_parser("index", help="embed a data set into an index folder",
                        description="Embed a data set with CLIP into an index folder (resumable).")
-    p.add_argument("source", help="cifar100 or cifar10")
+    p.add_argument("source", help="cifar100, cifar10, or the path of an image folder (indexed incrementally)")
     p.add_argument("--split", default="test", choices=["train", "test"])
     p.add_argument("--data-dir", type=Path, default=None, help="where the data set is or goes (default $CLIPLENS_HOME/data)")
     p.add_argument("--no-verify", action="store_true", help="accept files whose md5 is not the official one")
     p.add_argument("--index-dir", type=Path, default=None, help="output folder (default $CLIPLENS_HOME/indexes/SOURCE-SPLIT)")
     p.add_argument("--limit", type=_positive_int, default=None, help="index only the first N images")
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="images per batch (default: chosen by a quick probe of the model and device)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage type of the embeddings")
     p.add_argument("--checkpoint-every", type=_positive_int, default=4, help="batches between resume checkpoints")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="folders: skip matching paths (repeatable)")
+    p.add_argument("--include-hidden", action="store_true", help="folders: also index hidden files and folders")
+    p.add_argument("--max-megapixels", type=float, default=100.0, help="folders: skip larger images (default 100)")
     add_model_flags(p)
+    add_backend_flags(p)
+    add_engine_flags(p)
     p.set_defaults(handler=cmd_index)
 
-    p = sub.add_parser("search", help="search an index by text", description="Rank an index's images by a text query.")
-    p.add_argument("query")
+    p = sub.add_parser("search", help="search an index by text, image or both",
+                       description='Rank an index\'s images by a query: text, or combined: "2:red tractor" + ./field.jpg - snow + #12.')
+    p.add_argument("query", nargs="*", help="words; W:term weights a term, + and - combine terms, #ID is an item")
+    p.add_argument("--image", action="append", default=[], type=str, metavar="PATH", help="search by an image file")
+    p.add_argument("--similar", action="append", default=[], type=int, metavar="ID", help="more like item ID")
+    p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
+                   help="filter: label=..., superclass=..., path=GLOB, caption=... (repeatable)")
+    p.add_argument("--min-score", type=float, default=None, help="drop hits below this cosine similarity")
     p.add_argument("--index-dir", type=Path, default=None)
     p.add_argument("-k", type=int, default=10, help="number of results (1..N)")
-    p.add_argument("--template", default="a photo of a {}.", help='prompt template with one "{}"')
+    p.add_argument("--template", "--templates", default="a photo of a {}.", metavar="TEMPLATE|SET",
+                   help='prompt template with one "{}", or a set: single, cifar100, imagenet80')
     p.add_argument("--raw", action="store_true", help="encode the query exactly as typed (no template)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--grid", type=Path, default=None, help="save the results as an image grid (PNG)")
     add_model_flags(p, for_query=True)
+    add_backend_flags(p)
     p.set_defaults(handler=cmd_search)
 
     p = sub.add_parser("info", help="describe an index", description="Show what an index holds and how it was built.")
@@ -245,7 +289,8 @@ def register(sub) -> None:
     p.add_argument("--index-dir", type=Path, default=None)
     p.add_argument("--out", default="cliplens-demo", help="folder for the result grids (default ./cliplens-demo)")
     p.add_argument("--limit", type=_positive_int, default=None)
-    p.add_argument("--batch-size", type=_positive_int, default=64)
+    p.add_argument("--batch-size", type=_positive_int, default=None,
+                   help="images per batch (default: chosen by a quick probe of the model and device)")
     p.add_argument("-q", "--quiet", action="store_true")
     add_model_flags(p)
     p.set_defaults(handler=cmd_demo)

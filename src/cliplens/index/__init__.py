@@ -23,4 +23,6 @@ class VectorIndex(Protocol):
         ...
 
 
-__all__ = ["ExactIndex", "VectorIndex"]
+from cliplens.index.backends import BACKENDS, build_index, open_index  # noqa: E402  (FAISS/Milvus load lazily)
+
+__all__ = ["BACKENDS", "ExactIndex", "VectorIndex", "build_index", "open_index"]

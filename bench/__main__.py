@@ -1,0 +1,148 @@
+"""``python -m bench indexing|text|search|agreement|batch|all [options]`` (also ``cliplens bench ...`` in a checkout).
+
+Every benchmark runs the reference pipeline and cliplens in this one process, on the same inputs, with the
+real ViT-B-32-quickgelu architecture and random stand-in weights loaded through the real hub-cache path
+(``HF_HUB_OFFLINE=1``), prints a Markdown table with ratios, and writes ``<out>/<name>.json`` and ``.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import shlex
+import sys
+import tempfile
+from pathlib import Path
+
+BENCHMARKS = ("indexing", "text", "search", "agreement", "batch")
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+
+def _sizes(text: str) -> list[int]:
+    try:
+        sizes = [int(float(s)) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated sizes like 10000,100000, got {text!r}") from None
+    if not sizes or min(sizes) < 10:
+        raise argparse.ArgumentTypeError(f"sizes must be at least 10, got {text!r}")
+    return sizes
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
+    p.add_argument("benchmark", choices=(*BENCHMARKS, "all"))
+    p.add_argument("--n", type=_positive, default=512,
+                   help="images for indexing and agreement (default 512; the batch sweep uses up to 128)")
+    p.add_argument("--reps", type=_positive, default=3, help="repetitions: medians and spreads reported (default 3)")
+    p.add_argument("--jpegs", type=int, default=20, help="JPEGs of 1-4 megapixels for the folder case (0: skip)")
+    p.add_argument("--index-size", type=_positive, default=10_000, help="vectors searched by the text benchmark")
+    p.add_argument("--sizes", type=_sizes, default=[10_000, 100_000, 1_000_000], help="search benchmark sizes")
+    p.add_argument("--backends", default="auto",
+                   help="fast backends to run: auto (what --precision fast picks), all, or a comma list "
+                        "(onnx-int8,torch-int8,bf16); 'none' runs exact only")
+    p.add_argument("--batch-size", type=_positive, default=None, help="cliplens batch size (default: its own)")
+    p.add_argument("--model", choices=("b32", "tiny"), default="b32",
+                   help="b32: ViT-B-32-quickgelu (default); tiny: a 2-layer CLIP for smoke tests only")
+    p.add_argument("--hf-home", type=Path, default=None,
+                   help="use this Hugging Face cache (e.g. with real weights) instead of a temporary one with "
+                        "random stand-in weights; nothing is written into it")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
+    p.add_argument("-v", "--verbose", action="store_true", help="log each repetition")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    command = "python -m bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
+    with tempfile.TemporaryDirectory(prefix="cliplens-bench-") as tmp:
+        return _run(args, Path(tmp), command)
+
+
+def _run(args, tmp: Path, command: str) -> int:
+    from bench import standin as sd
+
+    wanted = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
+    if wanted != ["search"]:  # every other benchmark loads the model: weights first, before open_clip is imported
+        if args.hf_home is not None:
+            standin = sd.use_existing(args.hf_home.expanduser(), args.model)
+        else:
+            standin = sd.prepare(tmp / "hf", args.model)
+    reports = []
+    if "search" in wanted:  # no model needed: run it first, while the process is small (peak RSS)
+        from bench import search
+
+        reports.append(search.run(sizes=args.sizes, reps=args.reps, command=command))
+        _emit(reports[-1], args.out)
+    if any(b in wanted for b in ("indexing", "text", "agreement", "batch")):
+        reference = sd.load_reference(standin)
+        encoders = {"exact": sd.load_ours(standin, precision="exact"), **_fast_encoders(sd, standin, args.backends)}
+        if "text" in wanted:
+            from bench import text
+
+            chosen = {k: e for k, e in encoders.items() if k in ("exact", "fast")}
+            reports.append(text.run(reference=reference, encoders=chosen, workdir=tmp / "text", n=args.index_size,
+                                    reps=args.reps, command=command))
+            _emit(reports[-1], args.out)
+        if any(b in wanted for b in ("indexing", "agreement", "batch")):
+            if "indexing" in wanted:
+                from bench import indexing
+
+                reports.append(indexing.run(reference=reference, encoders=encoders, workdir=tmp / "indexing",
+                                            n=args.n, reps=args.reps, jpegs=args.jpegs, batch_size=args.batch_size,
+                                            command=command))
+                _emit(reports[-1], args.out)
+            if "agreement" in wanted:
+                from bench import agreement
+
+                reports.append(agreement.run(reference=reference, encoders=encoders, n=args.n, command=command))
+                _emit(reports[-1], args.out)
+            if "batch" in wanted:
+                from bench import batch
+
+                reports.append(batch.run(encoders=encoders, images=min(args.n, 128), reps=args.reps, command=command))
+                _emit(reports[-1], args.out)
+    if len(reports) > 1:
+        combined = args.out / "latest.md"
+        combined.write_text("# cliplens benchmarks\n\n" + "\n".join(r.markdown() for r in reports))
+        print(f"wrote {combined}")
+    return 0
+
+
+def _fast_encoders(sd, standin, backends: str) -> dict:
+    from cliplens import fast
+
+    if backends == "none":
+        return {}
+    if backends == "auto":
+        enc = sd.load_ours(standin, precision="fast")
+        return {"fast": enc}
+    names = fast.available_backends() if backends == "all" else [b.strip() for b in backends.split(",") if b.strip()]
+    out = {}
+    auto = next((b for b in fast.AUTO_ORDER if b in fast.available_backends()), None)
+    for name in names:
+        enc = sd.load_ours(standin, precision="exact")
+        fast.accelerate(enc, backend=name)
+        out["fast" if name == auto else f"fast-{name}"] = enc
+    return out
+
+
+def _emit(report, out: Path) -> None:
+    js, md = report.write(out)
+    print(report.markdown())
+    print(f"wrote {js} and {md}\n", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""Index backends against exact numpy: recall@10, single-query latency p50/p99, build time and size.
+
+    python bench/bench_ann.py [--sizes 10000,100000,1000000] [--dim 512] [--queries 200]
+                              [--cifar b32|tiny|none] [--milvus-max 100000] [--work DIR] [--out bench/results]
+
+Data: random unit vectors (seeded; queries drawn independently from the same distribution, the hardest case
+for approximate search because nothing is clustered), clustered synthetic unit vectors (``--clustered-sizes``:
+about 250 per cluster, a vector at cosine ~0.7 from its centre, so neighbours stand out as in real embeddings),
+and the CIFAR stand-in index: a CIFAR-100-format test set
+of 10,000 synthetic images embedded with the real ViT-B-32-quickgelu architecture and random weights (no real
+weights can be downloaded here). Each store is written to disk in the real index format and every backend is
+built from it exactly as ``cliplens build-index`` does, then queried one query at a time through the same
+``search()`` a ``Searcher`` calls (FAISS and Milvus results include the exact rescoring of their candidates).
+Files are read once before their queries are timed, so latencies are steady-state (page cache warm), not the
+first queries after opening a memory-mapped index.
+
+Backends: exact numpy (the oracle), FAISS Flat, HNSW32 (efSearch 16/64/128, plus 256/512 to show where recall
+saturates), IVF-PQ (``IVF{nlist},PQ{m}``, nprobe 8/32, plus nprobe 32/64/128 with 10x candidates re-ranked), Milvus Lite
+(FLAT, up to ``--milvus-max`` vectors: its bulk insert runs at a few thousand vectors per second here).
+
+Writes ``<out>/ann.json`` (every row and the machine) and ``<out>/ann.md`` (the tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `python bench/bench_ann.py` from a checkout: the bench package is importable
+    sys.path.insert(0, str(ROOT))
+
+K = 10
+
+
+# --------------------------------------------------------------------------- measuring
+
+
+def rss_mb(field: str = "VmRSS") -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def reset_peak() -> None:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
+    except OSError:
+        pass
+
+
+def dir_mb(path: Path) -> float:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file()) / 2**20
+
+
+def warm(*paths: Path) -> None:
+    """Read files once so a memory-mapped index or store is in the page cache: steady-state, not cold-start, latency."""
+    for path in paths:
+        with open(path, "rb") as f:
+            while f.read(1 << 24):
+                pass
+
+
+def latencies(search, queries: np.ndarray, warmup: int = 5) -> tuple[list[float], np.ndarray]:
+    """Per-query wall times (ms) of ``search(q[None], K)`` and the (Q, K) ids it returned."""
+    for q in queries[:warmup]:
+        search(q[None])
+    times, ids = [], np.full((len(queries), K), -1, dtype=np.int64)
+    for row, q in enumerate(queries):
+        t0 = time.perf_counter()
+        _, found = search(q[None])
+        times.append((time.perf_counter() - t0) * 1000)
+        ids[row, : found.shape[1]] = found[0]
+    return times, ids
+
+
+def recall_at_k(ids: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(a[a >= 0]) & set(b)) / len(b) for a, b in zip(ids, truth)]))
+
+
+def pct(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q))
+
+
+# --------------------------------------------------------------------------- data
+
+
+def sample(rng, n: int, dim: int, centres: np.ndarray | None) -> np.ndarray:
+    """Unit vectors: uniform on the sphere, or (``centres``) a cluster centre plus noise of the same norm, so a
+    vector's cosine with its centre is about 0.7 and two vectors of one cluster score about 0.5 (neighbours that
+    stand out, as in real embeddings; uniform vectors in 512 dimensions are all nearly orthogonal)."""
+    x = rng.standard_normal((n, dim), dtype=np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    if centres is not None:
+        x += centres[rng.integers(0, len(centres), n)]
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x
+
+
+def centres_for(n: int, dim: int) -> np.ndarray:
+    clusters = max(16, n // 250)  # about 250 vectors a cluster
+    return sample(np.random.default_rng(12345), clusters, dim, None)
+
+
+def random_store(root: Path, n: int, dim: int, seed: int, *, clustered: bool = False):
+    """A complete store of ``n`` seeded unit vectors, written in chunks (1M x 512 is 2 GB)."""
+    from cliplens.store import IndexStore, IndexWriter
+
+    if (root / "manifest.json").is_file():
+        return IndexStore.open(root)
+    kind = "clustered" if clustered else "random"
+    writer = IndexWriter(root=root, identity={"source": f"{kind}-{n}x{dim}", "seed": seed, "count": n,
+                                              "dtype": "float32"}, dim=dim)
+    writer.start()
+    rng = np.random.default_rng(seed)
+    centres = centres_for(n, dim) if clustered else None
+    for lo in range(0, n, 131072):
+        writer.write(lo, sample(rng, min(131072, n - lo), dim, centres))
+    writer.checkpoint(n)
+    writer.finalize(items={"id": np.arange(n, dtype=np.int64), "ref": [f"v{i}" for i in range(n)]},
+                    manifest={"model": {"name": "random"}})
+    return IndexStore.open(root)
+
+
+def cifar_store(root: Path, work: Path, which: str, n: int = 10_000):
+    """The CIFAR stand-in: a CIFAR-100-format test set of synthetic images, embedded with a stand-in model."""
+    from bench import data, standin
+
+    spec = standin.prepare(work / "hf", which)
+    folder = data.write_cifar100(work / "cifar", n) if not (work / "cifar" / "cifar-100-python" / "test").is_file() \
+        else work / "cifar" / "cifar-100-python"
+    from cliplens.datasets import load_cifar
+    from cliplens.embed import index_labeled
+    from cliplens.store import IndexStore
+
+    cifar = load_cifar("cifar100", "test", data_dir=folder.parent, verify=False, progress=False)
+    encoder = standin.load_ours(spec)
+    _, stats = index_labeled(cifar, encoder, root, batch_size=64, progress=True)
+    if stats.count:
+        print(f"  embedded {stats.count} images at {stats.images_per_second:.1f} img/s with {spec.label}", flush=True)
+    return IndexStore.open(root), spec.label
+
+
+# --------------------------------------------------------------------------- one data set
+
+
+def bench_store(name: str, store, queries: np.ndarray, args) -> list[dict]:
+    from cliplens.errors import BackendError
+    from cliplens.index import ExactIndex, build_index, open_index
+
+    n, dim = len(store), store.dim
+    rows: list[dict] = []
+    exact = ExactIndex(store.embeddings)
+    truth = exact.search(queries, K)[1]  # batched: the oracle
+
+    def add(backend, setting, times, ids, *, build_s=None, size_mb=None, build_peak_mb=None):
+        row = {"dataset": name, "n": n, "dim": dim, "backend": backend, "setting": setting,
+               "recall@10": round(recall_at_k(ids, truth), 4), "p50_ms": round(pct(times, 50), 3),
+               "p99_ms": round(pct(times, 99), 3), "build_s": None if build_s is None else round(build_s, 2),
+               "size_mb": None if size_mb is None else round(size_mb, 1),
+               "build_peak_rss_mb": None if build_peak_mb is None else round(build_peak_mb)}
+        rows.append(row)
+        base = rows[0]["p50_ms"]
+        print(f"  {backend:<12} {setting:<28} recall@10 {row['recall@10']:.3f}  p50 {row['p50_ms']:9.3f} ms  "
+              f"p99 {row['p99_ms']:9.3f} ms  ({base / row['p50_ms']:.1f}x exact)"
+              + (f"  build {build_s:.1f} s, {size_mb:.0f} MB" if build_s is not None else ""), flush=True)
+
+    warm(store.root / "embeddings.npy")  # the exact index and every rescoring read the store
+    times, ids = latencies(lambda q: exact.search(q, K), queries)
+    add("exact", "numpy (memory-mapped store)", times, ids, size_mb=store.embeddings.nbytes / 2**20)
+
+    def build(backend, **options):
+        if args.reuse and backend == "faiss":  # a FAISS index saved by an earlier run over this same store
+            try:
+                index = open_index(store, backend, **options)
+                meta = json.loads(index.paths[1].read_text())
+                earlier = [r for r in args.previous if r["dataset"] == name and r["build_peak_rss_mb"] is not None
+                           and r["setting"].split(" ")[0] == options["factory"]]  # that build's peak, if recorded
+                warm(index.paths[0], store.root / "embeddings.npy")
+                return index, meta["build_seconds"], earlier[0]["build_peak_rss_mb"] if earlier else None
+            except BackendError:
+                pass
+        reset_peak()
+        before = rss_mb()
+        t0 = time.perf_counter()
+        index = build_index(store, backend, progress=False, **options)
+        seconds = time.perf_counter() - t0
+        peak = rss_mb("VmHWM") - before
+        if backend == "faiss":
+            warm(index.paths[0], store.root / "embeddings.npy")
+        return index, seconds, peak
+
+    index, secs, peak = build("faiss", factory="Flat")
+    times, ids = latencies(lambda q: index.search(q, K), queries)
+    add("faiss", "Flat", times, ids, build_s=secs, size_mb=index.paths[0].stat().st_size / 2**20, build_peak_mb=peak)
+
+    if n <= args.hnsw_max:
+        index, secs, peak = build("faiss", factory="HNSW32")
+        size = index.paths[0].stat().st_size / 2**20
+        for ef in (16, 64, 128, 256, 512):
+            times, ids = latencies(lambda q: index.search(q, K, ef_search=ef), queries)
+            add("faiss", f"HNSW32 efSearch {ef}", times, ids, build_s=secs if ef == 16 else None,
+                size_mb=size if ef == 16 else None, build_peak_mb=peak if ef == 16 else None)
+
+    nlist = args.nlist or max(64, min(4096, 1 << int(round(np.log2(4 * np.sqrt(n))))))
+    m = 64 if dim % 64 == 0 and dim >= 128 else max(d for d in (32, 16, 8, 4) if dim % d == 0)
+    factory = f"IVF{nlist},PQ{m}"
+    index, secs, peak = build("faiss", factory=factory)
+    size = index.paths[0].stat().st_size / 2**20
+    for nprobe, k_factor in ((8, 1), (32, 1), (32, 10), (64, 10), (128, 10)):
+        index.k_factor = k_factor
+        times, ids = latencies(lambda q: index.search(q, K, nprobe=nprobe), queries)
+        add("faiss", f"{factory} nprobe {nprobe}" + (f", rerank {k_factor}x" if k_factor > 1 else ""), times, ids,
+            build_s=secs if nprobe == 8 else None, size_mb=size if nprobe == 8 else None,
+            build_peak_mb=peak if nprobe == 8 else None)
+
+    if n <= args.milvus_max:
+        shutil.rmtree(store.root / "milvus", ignore_errors=True)
+        index, secs, peak = build("milvus", batch_size=5000)
+        times, ids = latencies(lambda q: index.search(q, K), queries)
+        add("milvus-lite", "FLAT", times, ids, build_s=secs, size_mb=dir_mb(store.root / "milvus"), build_peak_mb=peak)
+        index.close()
+    else:
+        print(f"  milvus-lite  skipped at n={n} (--milvus-max {args.milvus_max})", flush=True)
+    return rows
+
+
+# --------------------------------------------------------------------------- report
+
+
+def markdown(result: dict) -> str:
+    m = result["machine"]
+    lines = ["# ANN backends vs exact numpy", "",
+             f"Machine: {m['cpu']}, {m['cores']} cores, {m['ram_gb']} GB RAM; load average {m['load_start']} at the "
+             f"start, {m['load_end']} at the end (shared machine). faiss {m['faiss']}, pymilvus {m['pymilvus']}, "
+             f"milvus-lite {m['milvus_lite']}, numpy {m['numpy']}.", "",
+             f"Command: `{result['command']}`", "",
+             f"Single queries (k={K}, {result['queries']} queries, after 5 warm-up), recall@10 against exact numpy. "
+             "Sizes: exact = the float32 store; FAISS = the saved index file (what is mapped or loaded); "
+             "Milvus Lite = its data folder. Build peak = peak RSS growth of this process while building.", ""]
+    for name in dict.fromkeys(r["dataset"] for r in result["rows"]):
+        rows = [r for r in result["rows"] if r["dataset"] == name]
+        base = rows[0]["p50_ms"]
+        lines += [f"## {name} ({rows[0]['n']:,} x {rows[0]['dim']})", "",
+                  "| backend | setting | recall@10 | p50 ms | p99 ms | p50 speed-up vs exact | build s | size MB | build peak MB |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            cell = lambda v, f="{}": "" if v is None else f.format(v)  # noqa: E731
+            lines.append(f"| {r['backend']} | {r['setting']} | {r['recall@10']:.3f} | {r['p50_ms']:.3f} | "
+                         f"{r['p99_ms']:.3f} | {base / r['p50_ms']:.1f}x | {cell(r['build_s'])} | "
+                         f"{cell(r['size_mb'])} | {cell(r['build_peak_rss_mb'])} |")
+        lines.append("")
+    if result.get("reused"):
+        lines += ["FAISS indexes were opened from an earlier run's --work folder (--reuse): their build time and peak "
+                  "are the ones measured when that run built them, on this machine with this code; every query "
+                  "figure above was measured in this run.", ""]
+    if result.get("skipped"):
+        lines += ["Not run: " + "; ".join(result["skipped"]), ""]
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    import faiss
+    import pymilvus
+
+    try:
+        from importlib.metadata import version
+
+        lite = version("milvus-lite")
+    except Exception:
+        lite = "?"
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor())
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+            "python": platform.python_version(), "numpy": np.__version__, "faiss": faiss.__version__,
+            "pymilvus": pymilvus.__version__, "milvus_lite": lite, "load_start": os.getloadavg()[0]}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--sizes", default="10000,100000,1000000", help="random-vector store sizes (comma-separated)")
+    p.add_argument("--clustered-sizes", default="", help="sizes of clustered synthetic stores (comma-separated)")
+    p.add_argument("--dim", type=int, default=512)
+    p.add_argument("--queries", type=int, default=200)
+    p.add_argument("--cifar", default="b32", choices=["b32", "tiny", "none"], help="CIFAR stand-in model")
+    p.add_argument("--milvus-max", type=int, default=100_000, help="largest store Milvus Lite is built for")
+    p.add_argument("--hnsw-max", type=int, default=10**9, help="largest store HNSW is built for")
+    p.add_argument("--nlist", type=int, default=None, help="IVF lists (default about 4 sqrt(N), a power of two)")
+    p.add_argument("--work", type=Path, default=None, help="where stores are written (kept for reruns)")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    p.add_argument("--append", action="store_true", help="keep the other data sets' rows already in <out>/ann.json")
+    p.add_argument("--reuse", action="store_true", help="open FAISS indexes an earlier run saved in --work (their "
+                   "build time is the one recorded then) instead of building them again")
+    args = p.parse_args()
+
+    work = args.work or Path(tempfile.mkdtemp(prefix="cliplens-ann-"))
+    work.mkdir(parents=True, exist_ok=True)
+    command = "python bench/bench_ann.py " + " ".join(sys.argv[1:])
+    result = {"command": command, "queries": args.queries, "rows": [], "skipped": [], "reused": args.reuse}
+    previous = json.loads((args.out / "ann.json").read_text()) if (args.out / "ann.json").is_file() else None
+    earlier = previous if args.append else None
+    args.previous = previous["rows"] if previous else []
+    stores = []
+    if args.cifar != "none":
+        store, label = cifar_store(work / f"cifar-{args.cifar}", work, args.cifar)
+        stores.append((f"CIFAR stand-in ({label})", store))
+    result["machine"] = machine()
+    for n in (int(float(s)) for s in args.sizes.split(",") if s.strip()):
+        stores.append((f"random unit vectors {n:,}", random_store(work / f"random-{n}-{args.dim}", n, args.dim, seed=0)))
+    for n in (int(float(s)) for s in args.clustered_sizes.split(",") if s.strip()):
+        stores.append((f"clustered unit vectors {n:,}",
+                       random_store(work / f"clustered-{n}-{args.dim}", n, args.dim, seed=0, clustered=True)))
+    for name, store in stores:
+        print(f"{name}: {len(store):,} x {store.dim}", flush=True)
+        rng = np.random.default_rng(1)  # queries: fresh draws from the data's own distribution
+        queries = sample(rng, args.queries, store.dim, centres_for(len(store), store.dim) if name.startswith("clustered") else None)
+        if name.startswith("CIFAR"):  # perturbed stored vectors (the stand-in's vectors are very concentrated)
+            emb = np.asarray(store.embeddings[rng.choice(len(store), args.queries, replace=False)], np.float32)
+            queries = emb + 0.05 * queries / np.sqrt(store.dim)
+            queries /= np.linalg.norm(queries, axis=1, keepdims=True)
+        if earlier is not None and not result["rows"]:  # first data set of an --append run: keep the others
+            result["rows"] = [r for r in earlier["rows"] if r["dataset"] != name]
+            result["skipped"] = earlier.get("skipped", [])
+            result["command"] = f"{earlier['command']}; then {command}"
+        result["rows"] = [r for r in result["rows"] if r["dataset"] != name] + bench_store(name, store, queries, args)
+        if len(store) > args.milvus_max:
+            result["skipped"].append(f"Milvus Lite at {len(store):,} vectors (bulk insert time; --milvus-max)")
+        if len(store) > args.hnsw_max:
+            result["skipped"].append(f"HNSW32 at {len(store):,} vectors (--hnsw-max)")
+        result["machine"]["load_end"] = os.getloadavg()[0]
+        args.out.mkdir(parents=True, exist_ok=True)  # written after every data set: a long run keeps what it did
+        (args.out / "ann.json").write_text(json.dumps(result, indent=2) + "\n")
+        (args.out / "ann.md").write_text(markdown(result) + "\n")
+    print(f"wrote {args.out / 'ann.json'} and {args.out / 'ann.md'}")
+    if args.work is None:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

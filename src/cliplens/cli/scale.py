@@ -1,0 +1,140 @@
+"""Scale-out subcommand and flags: ``build-index`` (a FAISS index or a Milvus collection from an existing store),
+``--backend`` for the commands that search, and ``--engine ray`` for ``index``.
+
+Other commands wire the backend in with two lines::
+
+    add_backend_flags(parser)                       # when registering the command
+    index = open_backend(store, args)               # then Searcher(encoder=..., store=store, index=index)
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from cliplens.index.backends import BACKENDS
+
+
+# --------------------------------------------------------------------------- flags
+
+
+def add_backend_flags(p: argparse.ArgumentParser, *, default: str | None = "exact", required: bool = False) -> None:
+    g = p.add_argument_group("index backend")
+    g.add_argument("--backend", default=default, required=required, metavar="NAME",
+                   help=f"vector index: {', '.join(BACKENDS)} (default {default or 'none'})")
+    g.add_argument("--faiss-index", default="HNSW32", metavar="FACTORY",
+                   help='FAISS factory string, e.g. Flat, HNSW32, "IVF4096,PQ64" (default HNSW32)')
+    g.add_argument("--ef-search", type=_positive_int, default=None, help="FAISS HNSW: candidates explored per query")
+    g.add_argument("--nprobe", type=_positive_int, default=None, help="FAISS IVF: inverted lists visited per query")
+    g.add_argument("--milvus-uri", default=None, metavar="URI",
+                   help="Milvus server (http://host:19530; token from $CLIPLENS_MILVUS_TOKEN); "
+                        "default: Milvus Lite in INDEX_DIR/milvus/")
+    g.add_argument("--milvus-collection", default=None, metavar="NAME", help="default cliplens_<index folder name>")
+
+
+def add_engine_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("embedding engine")
+    g.add_argument("--engine", default="local", choices=["local", "ray"], help="where to embed (default local)")
+    g.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="Ray cluster: auto, or ray://HEAD:10001 (default: start a local Ray)")
+    g.add_argument("--ray-actors", type=_positive_int, default=None, help="actor pool size (default: one per CPU/GPU)")
+
+
+def backend_options(args, *, build: bool = False) -> dict:
+    """The options of ``args.backend`` taken from the flags (only those that backend understands)."""
+    name = (getattr(args, "backend", None) or "exact").lower()
+    if name == "faiss":
+        opts = {"factory": args.faiss_index, "ef_search": args.ef_search, "nprobe": args.nprobe}
+        if build:
+            opts.update(train_size=getattr(args, "train_size", None), progress=not getattr(args, "quiet", False))
+    elif name == "milvus":
+        opts = {"uri": args.milvus_uri, "collection": args.milvus_collection}
+        if build:
+            opts.update(progress=not getattr(args, "quiet", False))
+    else:
+        opts = {}
+    return {k: v for k, v in opts.items() if v is not None}
+
+
+def open_backend(store, args):
+    """The vector index ``--backend`` names, over ``store`` (None for the default exact index)."""
+    from cliplens.index.backends import open_index
+
+    name = getattr(args, "backend", None) or "exact"
+    if name.lower() == "exact":
+        return None
+    return open_index(store, name, **backend_options(args))
+
+
+def build_backend(store, args) -> tuple[object, float]:
+    """Build ``--backend`` over ``store``; returns (the opened index, seconds)."""
+    from cliplens.index.backends import build_index
+
+    t0 = time.perf_counter()
+    index = build_index(store, args.backend, **backend_options(args, build=True))
+    return index, time.perf_counter() - t0
+
+
+def engine_embed_fn(args):
+    """``embed_fn`` for :func:`cliplens.embed.index_labeled`: None (local) or the Ray engine's ``embed_into``."""
+    if getattr(args, "engine", "local") != "ray":
+        return None
+    from cliplens.distributed import RayEngine, RayOptions
+
+    return RayEngine(RayOptions(address=args.ray_address, actors=args.ray_actors)).embed_into
+
+
+def describe_backend(store, args, index) -> str:
+    name = args.backend.lower()
+    if name == "faiss":
+        return f"FAISS {index.factory} ({index.paths[0]})"
+    if name == "milvus":
+        return f"Milvus collection {index.collection} ({index.uri})"
+    return "exact numpy index (nothing to build)"
+
+
+def build_after_index(args, index_dir) -> None:
+    """``cliplens index ... --backend NAME``: build that backend once the store is complete."""
+    if (args.backend or "exact").lower() == "exact":
+        return
+    from cliplens.store import IndexStore
+
+    store = IndexStore.open(index_dir)
+    index, seconds = build_backend(store, args)
+    print(f"built {describe_backend(store, args, index)} in {seconds:.1f} s")
+
+
+# --------------------------------------------------------------------------- build-index
+
+
+def cmd_build_index(args) -> int:
+    from cliplens.cli.core import default_index_dir
+    from cliplens.store import IndexStore
+
+    store = IndexStore.open(args.index_dir or default_index_dir())
+    index, seconds = build_backend(store, args)
+    print(f"built {describe_backend(store, args, index)} over {len(store)} vectors in {seconds:.1f} s")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("build-index", help="build a FAISS index or Milvus collection from an existing index folder",
+                       description="Build a vector index backend from an index folder's stored vectors, "
+                                   "without re-embedding. Re-running it rebuilds (FAISS) or upserts (Milvus).")
+    p.add_argument("--index-dir", type=Path, default=None, help="the index folder (default $CLIPLENS_HOME/indexes/...)")
+    p.add_argument("--train-size", type=_positive_int, default=None,
+                   help="FAISS: vectors sampled to train IVF/PQ (default 39 per list, at least 10000)")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    add_backend_flags(p, default=None, required=True)
+    p.set_defaults(handler=cmd_build_index)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value

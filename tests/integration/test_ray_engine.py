@@ -1,0 +1,113 @@
+"""``--engine ray`` on a local Ray with 2 CPUs, the fixture's CIFAR-format data and the tiny random model.
+
+The store a Ray run writes must equal the local run's (same vectors, bit for bit; same items and manifest apart
+from timestamps and speed); a shard that raises once is retried; a run that fails keeps its finished shards and
+the next run redoes only the others.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from cliplens.distributed import SHARDS, RayEngine, RayOptions, connect_ray  # noqa: E402
+from cliplens.embed import ArraySource  # noqa: E402
+from cliplens.errors import EngineError  # noqa: E402
+from cliplens.store import ITEMS, IndexStore, IndexWriter, read_items  # noqa: E402
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),  # Ray Data's own DataContext() warns on creation
+]
+
+SHARD_BATCHES = 2  # 2 x batch 32 = 64 rows a shard: 4 shards for the fixture's 200 images
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray():
+    """One local Ray (2 CPUs) for the module: started the way the engine starts it, shut down at the end."""
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import this test module
+    started = connect_ray(RayOptions(num_cpus=2))
+    yield
+    if started:
+        ray.shutdown()
+
+
+class FlakySource(ArraySource):
+    """Images whose loading fails for rows [fail_from, ...) while ``switch`` exists, or only the first time."""
+
+    def __init__(self, images, *, fail_from: int, switch: Path, once: bool):
+        super().__init__(images)
+        self.fail_from, self.switch, self.once = fail_from, str(switch), once
+
+    def load(self, start, stop):
+        if start <= self.fail_from < stop and os.path.exists(self.switch):
+            if self.once:
+                os.remove(self.switch)  # whoever removes it fails; every later attempt succeeds
+            raise OSError(f"simulated read error at row {self.fail_from}")
+        return super().load(start, stop)
+
+
+def _embed(source, encoder, root: Path, *, identity_of: IndexStore) -> tuple[RayEngine, np.ndarray | None]:
+    """Run the engine into a writer with the reference store's identity; return the embeddings written."""
+    engine = RayEngine(RayOptions(shard_batches=SHARD_BATCHES))
+    writer = IndexWriter(root=root, identity=identity_of.manifest["identity"], dim=identity_of.dim)
+    stats = engine.embed_into(source, encoder, writer, batch_size=32, progress=False)
+    assert stats.count == len(source) - stats.resumed_from
+    items = {k: v for k, v in identity_of.items.items()}
+    writer.finalize(items=items, manifest={"model": identity_of.manifest["model"]})
+    return engine, np.asarray(IndexStore.open(root).embeddings)
+
+
+def test_cli_engine_ray_store_equals_local(tiny_index, tiny_model, cifar_root, tmp_path, capsys):
+    from cliplens.cli import main
+
+    out = tmp_path / "ray-index"
+    code = main(["index", "cifar100", "--data-dir", str(cifar_root), "--no-verify", "--index-dir", str(out),
+                 "--model", tiny_model, "--device", "cpu", "--batch-size", "32", "-q", "--engine", "ray"])
+    assert code == 0, capsys.readouterr().err
+    assert "indexed 200 images" in capsys.readouterr().out
+    local, remote = IndexStore.open(tiny_index), IndexStore.open(out)
+    assert np.array_equal(np.asarray(remote.embeddings), np.asarray(local.embeddings))  # identical, not close
+    a, b = read_items(tiny_index / ITEMS), read_items(out / ITEMS)
+    assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+    assert np.array_equal(remote.images(), local.images())
+    volatile = {"created", "stats"}
+    assert {k: v for k, v in remote.manifest.items() if k not in volatile} == \
+           {k: v for k, v in local.manifest.items() if k not in volatile}
+    assert not (out / SHARDS).exists()  # merged and cleaned up
+
+
+def test_shard_that_raises_once_is_retried(tiny_index, tiny_encoder, cifar_test, tmp_path):
+    switch = tmp_path / "fail-once"
+    switch.touch()
+    source = FlakySource(cifar_test.images, fail_from=130, switch=switch, once=True)  # inside shard 2 (128..192)
+    engine, vectors = _embed(source, tiny_encoder, tmp_path / "idx", identity_of=IndexStore.open(tiny_index))
+    assert not switch.exists()  # the failure happened ...
+    assert np.array_equal(vectors, np.asarray(IndexStore.open(tiny_index).embeddings))  # ... and was retried
+    assert engine.last_run.shards == engine.last_run.shards_computed == 4 and engine.last_run.actors == 2
+
+
+def test_failed_run_keeps_finished_shards_and_resumes(tiny_index, tiny_encoder, cifar_test, tmp_path):
+    reference = IndexStore.open(tiny_index)
+    switch = tmp_path / "broken"
+    switch.touch()
+    source = FlakySource(cifar_test.images, fail_from=195, switch=switch, once=False)  # the last shard, always
+    with pytest.raises(EngineError, match="finished shards are kept") as info:
+        _embed(source, tiny_encoder, tmp_path / "idx", identity_of=reference)
+    assert "\n" not in str(info.value)
+    kept = sorted(p.name for p in (tmp_path / "idx" / SHARDS).glob("shard-*.npy"))
+    assert kept and "shard-000003.npy" not in kept  # shards 0..2 finish before the last one fails
+    with pytest.raises(Exception):
+        IndexStore.open(tmp_path / "idx")  # incomplete: never searchable
+    switch.unlink()  # the cause is fixed: the same job again
+    engine, vectors = _embed(source, tiny_encoder, tmp_path / "idx", identity_of=reference)
+    assert engine.last_run.shards_reused == len(kept) and engine.last_run.shards_computed == 4 - len(kept)
+    assert np.array_equal(vectors, np.asarray(reference.embeddings))
+
