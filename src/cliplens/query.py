@@ -136,13 +136,16 @@ def parse_query(text: str, *, allow_paths: bool = False) -> tuple[Term, ...]:
     return parse_terms(tokens, allow_paths=allow_paths)
 
 
-def resolve_templates(spec: str | None) -> tuple[str, ...]:
-    """A built-in set name (single, cifar100, imagenet80), a literal template with ``{}``, or the default."""
+def resolve_templates(spec: str | None, *, allow_files: bool = False) -> tuple[str, ...]:
+    """A built-in set name (single, cifar100, imagenet80), a literal template with ``{}``, or the default.
+
+    ``allow_files`` (the CLI, never the web) also reads a template file (one per line, or JSON).
+    """
     if spec is None or spec == "":
         return DEFAULT_TEMPLATES
-    if spec in TEMPLATE_SETS:
+    if spec in TEMPLATE_SETS or (allow_files and "{}" not in spec and Path(spec).is_file()):
         return load_templates(spec)
-    fill(spec, "x")  # PromptError unless it has exactly one {} (files are not read here: the web passes this)
+    fill(spec, "x")  # PromptError unless it has exactly one {}
     return (spec,)
 
 
@@ -317,7 +320,7 @@ def search_words(searcher, words: Sequence[str], k: int, *, images: Sequence[str
     terms += [Term("item", int(i)) for i in similar]
     if not terms:
         raise QueryError("nothing to search for: give words, --image PATH or --similar ID")
-    templates = resolve_templates(template)
+    templates = resolve_templates(template, allow_files=True)
     wheres = parse_where(where)
     plain = len(terms) == 1 and terms[0].kind == "text" and terms[0].weight == 1
     if plain and len(templates) == 1 and not wheres:

@@ -249,3 +249,17 @@ def test_killed_run_resumes_to_identical_embeddings(cifar_root, b32_weights, tmp
     assert r.returncode == 0, r.stderr
     assert (killed / "embeddings.npy").read_bytes() == (whole / "embeddings.npy").read_bytes()
     assert (killed / "items.parquet").read_bytes() == (whole / "items.parquet").read_bytes()
+
+
+def test_search_with_a_template_file_ensembles_its_templates(cli_index, tiny_encoder, capsys, tmp_path):
+    templates = tmp_path / "mine.txt"
+    templates.write_text("# my prompts\na photo of a {}.\na blurry photo of the {}.\n")
+    code, out, _ = run_cli(capsys, "search", "tulip", "--index-dir", cli_index, "-k", 5, "--templates", templates,
+                           "--json")
+    assert code == 0
+    vecs = tiny_encoder.encode_texts(["a photo of a tulip.", "a blurry photo of the tulip."]).astype(np.float64)
+    q = vecs.mean(axis=0)
+    q /= np.linalg.norm(q)
+    s = np.asarray(IndexStore.open(cli_index).embeddings, np.float64) @ q
+    ref = sorted(range(len(s)), key=lambda i: (-s[i], i))[:5]
+    assert [h["id"] for h in json.loads(out)["hits"]] == ref
