@@ -113,11 +113,17 @@ def _run(args, tmp: Path, command: str) -> int:
 
                 reports.append(batch.run(encoders=encoders, images=min(args.n, 128), reps=args.reps, command=command))
                 _emit(reports[-1], args.out)
-    if len(reports) > 1:
-        combined = args.out / "latest.md"
-        combined.write_text("# cliplens benchmarks\n\n" + "\n".join(r.markdown() for r in reports))
-        print(f"wrote {combined}")
+    combined = _combine(args.out)
+    print(f"wrote {combined}")
     return 0
+
+
+def _combine(out: Path) -> Path:
+    """``latest.md``: the latest result of every benchmark in ``out``, each with its own machine line and command."""
+    parts = [(out / f"{name}.md").read_text() for name in BENCHMARKS if (out / f"{name}.md").is_file()]
+    combined = out / "latest.md"
+    combined.write_text("# cliplens benchmarks (latest run of each)\n\n" + "\n".join(parts))
+    return combined
 
 
 def _fast_encoders(sd, standin, backends: str) -> dict:

@@ -20,11 +20,29 @@ K = 10
 
 def top10_overlap(image_emb: np.ndarray, exact_emb: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """Per query, the share of the exact top-10 that the variant's top-10 also holds."""
+    return _top10(image_emb, exact_emb, queries)[0]
+
+
+def near_tie_share(image_emb: np.ndarray, exact_emb: np.ndarray, queries: np.ndarray) -> float:
+    """Of the items in one top-10 but not the other, the share whose exact score is within twice the variant's
+    largest score error (for that query) of the exact 10th score: swaps that any error that size allows."""
+    _, ours, exact = _top10(image_emb, exact_emb, queries)
+    s_exact, s_ours = queries @ exact_emb.T, queries @ image_emb.T
+    near = total = 0
+    for q, (a, b) in enumerate(zip(ours.tolist(), exact.tolist())):
+        err, tenth = np.abs(s_ours[q] - s_exact[q]).max(), np.sort(s_exact[q])[-K]
+        for item in set(a) ^ set(b):
+            total += 1
+            near += abs(s_exact[q, item] - tenth) <= 2 * err
+    return near / total if total else 1.0
+
+
+def _top10(image_emb, exact_emb, queries):
     from cliplens.index import ExactIndex
 
     _, ours = ExactIndex(image_emb.astype(np.float32)).search(queries, K)
     _, exact = ExactIndex(exact_emb.astype(np.float32)).search(queries, K)
-    return np.array([len(set(a) & set(b)) / K for a, b in zip(ours.tolist(), exact.tolist())])
+    return np.array([len(set(a) & set(b)) / K for a, b in zip(ours.tolist(), exact.tolist())]), ours, exact
 
 
 def text_agreement(reference, encoder, prompts: list[str]) -> dict:
@@ -53,22 +71,27 @@ def run(*, reference, encoders: dict, n: int, command: str) -> Report:
             for name, enc in encoders.items()}
     exact = encoders["exact"]
     queries = exact.encode_texts([f"a photo of a {q}." for q in QUERIES])
+    image_queries = embs["exact"][:: max(1, n // 64)]  # "more like this": 64 of the images as queries
     rows, data = [], {}
     for name, emb in embs.items():
         cos = np.einsum("ij,ij->i", emb.astype(np.float64), ref.astype(np.float64))
         overlap = top10_overlap(emb, embs["exact"], queries)
-        ref_overlap = top10_overlap(emb, ref, queries)
+        image_overlap = top10_overlap(emb, embs["exact"], image_queries)
+        ties = near_tie_share(emb, embs["exact"], queries)
         meets = ("cos >= 0.99999" if cos.min() >= 0.99999 else
                  "mean cos >= 0.999, top-10 >= 0.95" if cos.mean() >= 0.999 and overlap.mean() >= 0.95 else "NO")
         rows.append([name, encoders[name].info.precision, f"{cos.mean():.7f}", f"{cos.min():.7f}",
-                     f"{overlap.mean():.3f}", f"{overlap.min():.2f}", f"{ref_overlap.mean():.3f}", meets])
+                     f"{overlap.mean():.3f} (min {overlap.min():.1f})", f"{ties:.0%}",
+                     f"{image_overlap.mean():.3f} (min {image_overlap.min():.1f})", meets])
         data[name] = {"precision": encoders[name].info.precision, "cosine_mean": float(cos.mean()),
                       "cosine_min": float(cos.min()), "top10_overlap_vs_exact_mean": float(overlap.mean()),
-                      "top10_overlap_vs_exact_min": float(overlap.min()),
-                      "top10_overlap_vs_reference_mean": float(ref_overlap.mean())}
-    report.table(f"{n} images (32x32, upscaled to 224), {len(QUERIES)} queries, top-{K}",
-                 ["variant", "precision", "mean cosine", "min cosine", "top-10 overlap vs exact (mean)",
-                  "(min)", "top-10 overlap vs reference (mean)", "meets"], rows)
+                      "top10_overlap_vs_exact_min": float(overlap.min()), "swaps_that_are_near_ties": ties,
+                      "image_query_top10_overlap_mean": float(image_overlap.mean()),
+                      "image_query_top10_overlap_min": float(image_overlap.min())}
+    report.table(f"{n} images (32x32, upscaled to 224), {len(QUERIES)} text queries and {len(image_queries)} "
+                 f"image queries, top-{K}",
+                 ["variant", "precision", "mean cosine", "min cosine", "text top-10 overlap vs exact",
+                  "swaps that are near-ties", "image top-10 overlap vs exact", "meets"], rows)
     prompts = [f"a photo of a {q}." for q in QUERIES] + [t.replace("{}", "tractor") for t in load_templates("cifar100")]
     text = text_agreement(reference, exact, prompts)
     report.table("text: cliplens prefix encoding vs open_clip encode_text on 77 tokens",
@@ -77,6 +100,10 @@ def run(*, reference, encoders: dict, n: int, command: str) -> Report:
     report.data = {"images": data, "text": text}
     report.notes.append("top-10 overlap: |top-10 of the variant ∩ top-10 of the exact path| / 10 per query, "
                         "over an index of these images; fast mode keeps the text tower exact.")
+    report.notes.append("near-tie: an item whose exact score is within twice the variant's largest score error of "
+                        "the exact 10th score; with random stand-in weights every text query scores all images "
+                        "within a few hundredths, so ranks 10 and 11 are often 1e-4 apart and swap under any error.")
+    report.notes.append("image queries: every (n/64)-th image's exact embedding searches the variant's index.")
     report.notes.append("weights are random stand-ins (no real weights can be downloaded here): int8 error on trained "
-                        "weights may differ; rerun `python -m bench agreement` with real weights in the hub cache.")
+                        "weights may differ; rerun with `--hf-home` pointing at a cache holding the real weights.")
     return report

@@ -11,11 +11,12 @@ of 10,000 synthetic images embedded with the real ViT-B-32-quickgelu architectur
 weights can be downloaded here). Each store is written to disk in the real index format and every backend is
 built from it exactly as ``cliplens build-index`` does, then queried one query at a time through the same
 ``search()`` a ``Searcher`` calls (FAISS and Milvus results include the exact rescoring of their candidates).
-Files are read once before their queries are timed, so latencies are steady-state (page cache warm), not the
-first queries after opening a memory-mapped index.
+Every backend of a data set is built first; then the queries go round all of them in turn (each query to each
+backend before the next query), so load from elsewhere on a shared machine hits them alike, and files are read
+once beforehand, so latencies are steady-state (page cache warm), not a memory-mapped index's first queries.
 
 Backends: exact numpy (the oracle), FAISS Flat, HNSW32 (efSearch 16/64/128, plus 256/512 to show where recall
-saturates), IVF-PQ (``IVF{nlist},PQ{m}``, nprobe 8/32, plus nprobe 32/64/128 with 10x candidates re-ranked), Milvus Lite
+saturates), IVF-PQ (``IVF{nlist},PQ{m}``, nprobe 8/32, plus nprobe 32/64/128 with 10x and nprobe 32 with 30x candidates re-ranked), Milvus Lite
 (FLAT, up to ``--milvus-max`` vectors: its bulk insert runs at a few thousand vectors per second here).
 
 Writes ``<out>/ann.json`` (every row and the machine) and ``<out>/ann.md`` (the tables).
@@ -71,16 +72,23 @@ def warm(*paths: Path) -> None:
                 pass
 
 
-def latencies(search, queries: np.ndarray, warmup: int = 5) -> tuple[list[float], np.ndarray]:
-    """Per-query wall times (ms) of ``search(q[None], K)`` and the (Q, K) ids it returned."""
+def interleaved(searches: list, queries: np.ndarray, warmup: int = 5) -> tuple[list[list[float]], list[np.ndarray]]:
+    """Per-query wall times (ms) and (Q, K) ids of each ``search(q[None])``, taking turns query by query.
+
+    Taking turns means a burst of load from elsewhere on a shared machine slows every backend alike, so the
+    ratios between them hold even when the absolute times drift.
+    """
     for q in queries[:warmup]:
-        search(q[None])
-    times, ids = [], np.full((len(queries), K), -1, dtype=np.int64)
+        for search in searches:
+            search(q[None])
+    times = [[] for _ in searches]
+    ids = [np.full((len(queries), K), -1, dtype=np.int64) for _ in searches]
     for row, q in enumerate(queries):
-        t0 = time.perf_counter()
-        _, found = search(q[None])
-        times.append((time.perf_counter() - t0) * 1000)
-        ids[row, : found.shape[1]] = found[0]
+        for j, search in enumerate(searches):
+            t0 = time.perf_counter()
+            _, found = search(q[None])
+            times[j].append((time.perf_counter() - t0) * 1000)
+            ids[j][row, : found.shape[1]] = found[0]
     return times, ids
 
 
@@ -163,21 +171,11 @@ def bench_store(name: str, store, queries: np.ndarray, args) -> list[dict]:
     exact = ExactIndex(store.embeddings)
     truth = exact.search(queries, K)[1]  # batched: the oracle
 
-    def add(backend, setting, times, ids, *, build_s=None, size_mb=None, build_peak_mb=None):
-        row = {"dataset": name, "n": n, "dim": dim, "backend": backend, "setting": setting,
-               "recall@10": round(recall_at_k(ids, truth), 4), "p50_ms": round(pct(times, 50), 3),
-               "p99_ms": round(pct(times, 99), 3), "build_s": None if build_s is None else round(build_s, 2),
-               "size_mb": None if size_mb is None else round(size_mb, 1),
-               "build_peak_rss_mb": None if build_peak_mb is None else round(build_peak_mb)}
-        rows.append(row)
-        base = rows[0]["p50_ms"]
-        print(f"  {backend:<12} {setting:<28} recall@10 {row['recall@10']:.3f}  p50 {row['p50_ms']:9.3f} ms  "
-              f"p99 {row['p99_ms']:9.3f} ms  ({base / row['p50_ms']:.1f}x exact)"
-              + (f"  build {build_s:.1f} s, {size_mb:.0f} MB" if build_s is not None else ""), flush=True)
+    configs: list[dict] = []  # {backend, setting, search, build_s, size_mb, build_peak_mb}
 
-    warm(store.root / "embeddings.npy")  # the exact index and every rescoring read the store
-    times, ids = latencies(lambda q: exact.search(q, K), queries)
-    add("exact", "numpy (memory-mapped store)", times, ids, size_mb=store.embeddings.nbytes / 2**20)
+    def add(backend, setting, search, *, build_s=None, size_mb=None, build_peak_mb=None):
+        configs.append({"backend": backend, "setting": setting, "search": search, "build_s": build_s,
+                        "size_mb": size_mb, "build_peak_mb": build_peak_mb})
 
     def build(backend, **options):
         if args.reuse and backend == "faiss":  # a FAISS index saved by an earlier run over this same store
@@ -186,7 +184,6 @@ def bench_store(name: str, store, queries: np.ndarray, args) -> list[dict]:
                 meta = json.loads(index.paths[1].read_text())
                 earlier = [r for r in args.previous if r["dataset"] == name and r["build_peak_rss_mb"] is not None
                            and r["setting"].split(" ")[0] == options["factory"]]  # that build's peak, if recorded
-                warm(index.paths[0], store.root / "embeddings.npy")
                 return index, meta["build_seconds"], earlier[0]["build_peak_rss_mb"] if earlier else None
             except BackendError:
                 pass
@@ -196,42 +193,62 @@ def bench_store(name: str, store, queries: np.ndarray, args) -> list[dict]:
         index = build_index(store, backend, progress=False, **options)
         seconds = time.perf_counter() - t0
         peak = rss_mb("VmHWM") - before
-        if backend == "faiss":
-            warm(index.paths[0], store.root / "embeddings.npy")
+        print(f"  built {backend} {options.get('factory', '')} in {seconds:.1f} s", flush=True)
         return index, seconds, peak
 
-    index, secs, peak = build("faiss", factory="Flat")
-    times, ids = latencies(lambda q: index.search(q, K), queries)
-    add("faiss", "Flat", times, ids, build_s=secs, size_mb=index.paths[0].stat().st_size / 2**20, build_peak_mb=peak)
-
+    add("exact", "numpy (memory-mapped store)", lambda q: exact.search(q, K), size_mb=store.embeddings.nbytes / 2**20)
+    flat, secs, peak = build("faiss", factory="Flat")
+    add("faiss", "Flat", lambda q: flat.search(q, K), build_s=secs, size_mb=flat.paths[0].stat().st_size / 2**20,
+        build_peak_mb=peak)
+    files = [store.root / "embeddings.npy", flat.paths[0]]
     if n <= args.hnsw_max:
-        index, secs, peak = build("faiss", factory="HNSW32")
-        size = index.paths[0].stat().st_size / 2**20
+        hnsw, secs, peak = build("faiss", factory="HNSW32")
+        files.append(hnsw.paths[0])
         for ef in (16, 64, 128, 256, 512):
-            times, ids = latencies(lambda q: index.search(q, K, ef_search=ef), queries)
-            add("faiss", f"HNSW32 efSearch {ef}", times, ids, build_s=secs if ef == 16 else None,
-                size_mb=size if ef == 16 else None, build_peak_mb=peak if ef == 16 else None)
-
+            first = ef == 16
+            add("faiss", f"HNSW32 efSearch {ef}", lambda q, ef=ef: hnsw.search(q, K, ef_search=ef),
+                build_s=secs if first else None, size_mb=hnsw.paths[0].stat().st_size / 2**20 if first else None,
+                build_peak_mb=peak if first else None)
     nlist = args.nlist or max(64, min(4096, 1 << int(round(np.log2(4 * np.sqrt(n))))))
     m = 64 if dim % 64 == 0 and dim >= 128 else max(d for d in (32, 16, 8, 4) if dim % d == 0)
     factory = f"IVF{nlist},PQ{m}"
-    index, secs, peak = build("faiss", factory=factory)
-    size = index.paths[0].stat().st_size / 2**20
-    for nprobe, k_factor in ((8, 1), (32, 1), (32, 10), (64, 10), (128, 10)):
-        index.k_factor = k_factor
-        times, ids = latencies(lambda q: index.search(q, K, nprobe=nprobe), queries)
-        add("faiss", f"{factory} nprobe {nprobe}" + (f", rerank {k_factor}x" if k_factor > 1 else ""), times, ids,
-            build_s=secs if nprobe == 8 else None, size_mb=size if nprobe == 8 else None,
-            build_peak_mb=peak if nprobe == 8 else None)
+    ivf, secs, peak = build("faiss", factory=factory)
+    files.append(ivf.paths[0])
+    for nprobe, k_factor in ((8, 1), (32, 1), (32, 10), (32, 30), (64, 10), (128, 10)):
+        first = nprobe == 8
 
+        def search(q, nprobe=nprobe, k_factor=k_factor):
+            ivf.k_factor = k_factor
+            return ivf.search(q, K, nprobe=nprobe)
+
+        add("faiss", f"{factory} nprobe {nprobe}" + (f", rerank {k_factor}x" if k_factor > 1 else ""), search,
+            build_s=secs if first else None, size_mb=ivf.paths[0].stat().st_size / 2**20 if first else None,
+            build_peak_mb=peak if first else None)
+    milvus = None
     if n <= args.milvus_max:
         shutil.rmtree(store.root / "milvus", ignore_errors=True)
-        index, secs, peak = build("milvus", batch_size=5000)
-        times, ids = latencies(lambda q: index.search(q, K), queries)
-        add("milvus-lite", "FLAT", times, ids, build_s=secs, size_mb=dir_mb(store.root / "milvus"), build_peak_mb=peak)
-        index.close()
+        milvus, secs, peak = build("milvus", batch_size=5000)
+        add("milvus-lite", "FLAT", lambda q: milvus.search(q, K), build_s=secs, size_mb=dir_mb(store.root / "milvus"),
+            build_peak_mb=peak)
     else:
         print(f"  milvus-lite  skipped at n={n} (--milvus-max {args.milvus_max})", flush=True)
+
+    warm(*files)  # steady state: memory-mapped files in the page cache
+    load = os.getloadavg()[0]
+    all_times, all_ids = interleaved([c["search"] for c in configs], queries)
+    if milvus is not None:
+        milvus.close()
+    rows: list[dict] = []
+    for c, times, ids in zip(configs, all_times, all_ids):
+        row = {"dataset": name, "n": n, "dim": dim, "backend": c["backend"], "setting": c["setting"],
+               "recall@10": round(recall_at_k(ids, truth), 4), "p50_ms": round(pct(times, 50), 3),
+               "p99_ms": round(pct(times, 99), 3), "build_s": None if c["build_s"] is None else round(c["build_s"], 2),
+               "size_mb": None if c["size_mb"] is None else round(c["size_mb"], 1),
+               "build_peak_rss_mb": None if c["build_peak_mb"] is None else round(c["build_peak_mb"]),
+               "load_average": round(load, 2)}
+        rows.append(row)
+        print(f"  {row['backend']:<12} {row['setting']:<34} recall@10 {row['recall@10']:.3f}  p50 {row['p50_ms']:9.3f} ms"
+              f"  p99 {row['p99_ms']:9.3f} ms  ({rows[0]['p50_ms'] / row['p50_ms']:.1f}x exact)", flush=True)
     return rows
 
 
@@ -245,7 +262,8 @@ def markdown(result: dict) -> str:
              f"start, {m['load_end']} at the end (shared machine). faiss {m['faiss']}, pymilvus {m['pymilvus']}, "
              f"milvus-lite {m['milvus_lite']}, numpy {m['numpy']}.", "",
              f"Command: `{result['command']}`", "",
-             f"Single queries (k={K}, {result['queries']} queries, after 5 warm-up), recall@10 against exact numpy. "
+             f"Single queries (k={K}, {result['queries']} queries after 5 warm-up, each query sent to every backend in "
+             "turn), recall@10 against exact numpy. "
              "Sizes: exact = the float32 store; FAISS = the saved index file (what is mapped or loaded); "
              "Milvus Lite = its data folder. Build peak = peak RSS growth of this process while building.", ""]
     for name in dict.fromkeys(r["dataset"] for r in result["rows"]):

@@ -37,6 +37,7 @@ def main() -> None:
     p.add_argument("--model", default="b32", choices=["b32", "tiny"])
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--shard-batches", type=int, default=4, help="batches per Ray shard")
+    p.add_argument("--merge-rows", type=int, default=1_000_000, help="rows of the separate merge-only measurement")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     args = p.parse_args()
 
@@ -70,12 +71,15 @@ def main() -> None:
         ray.shutdown()
         print(f"ray: start {ray_start:.1f} s; {remote.count} images in {remote.seconds:.1f} s = "
               f"{remote.images_per_second:.1f} img/s; {run}", flush=True)
+        merge = merge_only(work / "merge", args.merge_rows, dim=encoder.info.embed_dim, shard_rows=256 * args.batch_size,
+                           batch_size=args.batch_size)
+        print(f"merge only: {args.merge_rows} rows in {merge:.2f} s", flush=True)
         a = np.asarray(IndexStore.open(work / "local").embeddings)
         b = np.asarray(IndexStore.open(work / "ray").embeddings)
         identical = bool(np.array_equal(a, b))
         result = {
             "command": "python bench/bench_ray.py " + " ".join(sys.argv[1:]),
-            "model": spec.label, "n": args.n, "batch_size": args.batch_size,
+            "model": spec.label, "n": args.n, "batch_size": args.batch_size, "dim": encoder.info.embed_dim,
             "shard_rows": args.shard_batches * args.batch_size, "shards": run.shards, "actors": run.actors,
             "local_seconds": round(local.seconds, 2), "local_img_s": round(local.images_per_second, 1),
             "ray_start_seconds": round(ray_start, 2), "ray_seconds": round(remote.seconds, 2),
@@ -83,6 +87,7 @@ def main() -> None:
             "ray_job_seconds": round(run.embed_seconds, 2), "merge_seconds": round(run.merge_seconds, 3),
             "merge_rows_per_s": round(args.n / run.merge_seconds) if run.merge_seconds > 0 else None,
             "identical_vectors": identical, "max_abs_diff": float(np.abs(a - b).max()),
+            "merge_only_rows": args.merge_rows, "merge_only_seconds": round(merge, 2),
             "machine": {"cpu": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
                                      if ln.startswith("model name")), platform.processor()),
                         "cores": os.cpu_count(), "ray": ray.__version__, "load_start": load_start,
@@ -105,9 +110,43 @@ def main() -> None:
         "", f"Ray start-up (`ray.init`, not in the seconds above): {r['ray_start_seconds']} s. "
         f"Ray/local throughput: {r['ray_img_s'] / r['local_img_s']:.2f}x. "
         f"Vectors identical to the local run: {r['identical_vectors']} (max |diff| {r['max_abs_diff']}).", "",
+        f"Merge at scale (the engine's merge path alone, every shard already on disk): {r['merge_only_rows']:,} x "
+        f"{result['dim']} float32 rows in {r['merge_only_seconds']} s "
+        f"({r['merge_only_rows'] / r['merge_only_seconds'] / 1e6:.2f} M rows/s).", "",
     ]
     (args.out / "ray.md").write_text("\n".join(md))
     print("\n".join(md))
+
+
+def merge_only(root: Path, n: int, *, dim: int, shard_rows: int, batch_size: int) -> float:
+    """Seconds the Ray engine spends merging ``n`` rows of finished shards into a store (no Ray job runs: every
+    shard is already on disk, as after a run that was interrupted just before its merge)."""
+    from types import SimpleNamespace
+
+    from cliplens.distributed import RayEngine, RayOptions, _shard_folder, _shard_name
+    from cliplens.store import IndexWriter
+
+    identity = {"source": f"merge-{n}", "count": n, "dtype": "float32", "batch_size": batch_size}
+    folder = _shard_folder(root, identity, shard_rows, dim)
+    rng = np.random.default_rng(0)
+    for i, start in enumerate(range(0, n, shard_rows)):
+        np.save(folder / _shard_name(i), rng.standard_normal((min(shard_rows, n - start), dim), dtype=np.float32))
+    engine = RayEngine(RayOptions(shard_batches=shard_rows // batch_size))
+    stub = SimpleNamespace(info=SimpleNamespace(embed_dim=dim))  # the merge needs only the dimension
+    writer = IndexWriter(root=root, identity=identity, dim=dim)
+    engine.embed_into(_Rows(n), stub, writer, batch_size=batch_size,
+                      progress=False)
+    if engine.last_run.shards_computed:
+        raise RuntimeError("the merge-only measurement ran a Ray job")
+    return engine.last_run.merge_seconds
+
+
+class _Rows:
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
 
 
 if __name__ == "__main__":

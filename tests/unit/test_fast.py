@@ -156,13 +156,15 @@ def test_default_fast_backend_on_the_real_b32_architecture(b32_weights, b32_enco
     got = first.encode_images(images)
     cos = _cosines(got, exact)
     assert cos.mean() >= 0.999 and cos.min() >= 0.998, (cos.mean(), cos.min())
-    if first.info.precision.startswith("fast:onnx"):  # the export is cached by weights sha256, and reused
+    if fast.onnxruntime_available():  # ONNX exports are cached by weights sha256, and reused
         from cliplens._files import cliplens_home
 
-        cached = sorted(p.name.split("-")[-2] for p in (cliplens_home() / "cache" / "onnx").glob("ViT-B-32-*.onnx"))
-        assert cached == ["int8", "text"]  # image tower (int8) and text tower (fp32)
+        assert first.text_runner is not None
+        cached = (cliplens_home() / "cache" / "onnx").glob("ViT-B-32-*.onnx")
+        assert "text" in {p.name.split("-")[-2] for p in cached}  # the text tower (fp32)
         again = load_encoder("ViT-B-32-quickgelu", "openai", device="cpu", precision="fast")
         np.testing.assert_array_equal(again.encode_images(images), got)
+        np.testing.assert_array_equal(again.encode_texts(QUERIES), first.encode_texts(QUERIES))
 
 
 def test_batch_size_probe_is_deterministic_per_model_and_device(tiny_encoder, monkeypatch):

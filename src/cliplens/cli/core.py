@@ -29,8 +29,8 @@ def add_model_flags(p: argparse.ArgumentParser, *, for_query: bool = False) -> N
     g.add_argument("--weights", type=Path, default=None, help="a local checkpoint file instead of the tag")
     g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
     g.add_argument("--precision", default="exact", choices=["exact", "fast"],
-                   help="exact (default): fp32, the reference's answers; fast: int8 image tower where the CPU "
-                        "supports it (mean cosine >= 0.999 to exact; see docs/performance.md)")
+                   help="exact (default): fp32, the reference's answers; fast: bf16 or int8 image tower and fp32 "
+                        "text tower in ONNX Runtime where available (mean cosine >= 0.999; docs/performance.md)")
 
 
 def load_model(args, manifest: dict | None = None):

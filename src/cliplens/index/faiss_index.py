@@ -32,7 +32,9 @@ DIR = "faiss"
 DEFAULT_FACTORY = "HNSW32"
 _ADD_ROWS = 65536  # vectors added per call: float16 stores are upcast one chunk at a time (65536 x 512 x 4 B = 128 MB)
 _TRAIN_PER_LIST = 39  # FAISS's own minimum of training points per k-means centroid
-_MMAP = faiss.IO_FLAG_MMAP | getattr(faiss, "IO_FLAG_MMAP_IFC", 0)  # IVF lists and flat codes
+# Memory-mapping flags to try in turn: flat codes (Flat, HNSW's vectors), then inverted lists (IVF). FAISS
+# refuses the combination for IVF indexes, hence two tries before reading the file into memory.
+_MMAP_FLAGS = tuple(f for f in (faiss.IO_FLAG_MMAP | getattr(faiss, "IO_FLAG_MMAP_IFC", 0), faiss.IO_FLAG_MMAP) if f)
 
 
 def index_name(factory: str) -> str:
@@ -211,11 +213,13 @@ def _train(index, embeddings: np.ndarray, factory: str, *, train_size: int | Non
 
 
 def _read(path: Path, *, mmap: bool):
-    if mmap:
+    for flags in _MMAP_FLAGS if mmap else ():
         try:
-            return faiss.read_index(str(path), _MMAP)
-        except RuntimeError:  # this index type cannot be mapped: read it into memory
-            log.info("%s cannot be memory-mapped; reading it into memory", path.name)
+            return faiss.read_index(str(path), flags)
+        except RuntimeError:  # not with these flags for this index type
+            continue
+    if mmap:
+        log.info("%s cannot be memory-mapped; reading it into memory", path.name)
     try:
         return faiss.read_index(str(path))
     except RuntimeError as exc:
