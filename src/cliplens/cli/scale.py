@@ -13,6 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
+from cliplens.cli.core import _positive_int
 from cliplens.index.backends import BACKENDS
 
 
@@ -129,12 +130,3 @@ def register(sub) -> None:
     add_backend_flags(p, default=None, required=True)
     p.set_defaults(handler=cmd_build_index)
 
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
