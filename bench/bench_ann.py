@@ -16,7 +16,8 @@ backend before the next query), so load from elsewhere on a shared machine hits 
 once beforehand, so latencies are steady-state (page cache warm), not a memory-mapped index's first queries.
 
 Backends: exact numpy (the oracle), FAISS Flat, HNSW32 (efSearch 16/64/128, plus 256/512 to show where recall
-saturates), IVF-PQ (``IVF{nlist},PQ{m}``, nprobe 8/32, plus nprobe 32/64/128 with 10x and nprobe 32 with 30x candidates re-ranked), Milvus Lite
+saturates), IVF-PQ (``IVF{nlist},PQ{m}``, nprobe 8/32, plus nprobe 32/64/128 with 10x and nprobe 32 with 30x
+candidates re-ranked), Milvus Lite
 (FLAT, up to ``--milvus-max`` vectors: its bulk insert runs at a few thousand vectors per second here).
 
 Writes ``<out>/ann.json`` (every row and the machine) and ``<out>/ann.md`` (the tables).
@@ -247,7 +248,8 @@ def bench_store(name: str, store, queries: np.ndarray, args) -> list[dict]:
                "build_peak_rss_mb": None if c["build_peak_mb"] is None else round(c["build_peak_mb"]),
                "load_average": round(load, 2)}
         rows.append(row)
-        print(f"  {row['backend']:<12} {row['setting']:<34} recall@10 {row['recall@10']:.3f}  p50 {row['p50_ms']:9.3f} ms"
+        print(f"  {row['backend']:<12} {row['setting']:<34} recall@10 {row['recall@10']:.3f}  "
+              f"p50 {row['p50_ms']:9.3f} ms"
               f"  p99 {row['p99_ms']:9.3f} ms  ({rows[0]['p50_ms'] / row['p50_ms']:.1f}x exact)", flush=True)
     return rows
 
@@ -270,7 +272,8 @@ def markdown(result: dict) -> str:
         rows = [r for r in result["rows"] if r["dataset"] == name]
         base = rows[0]["p50_ms"]
         lines += [f"## {name} ({rows[0]['n']:,} x {rows[0]['dim']})", "",
-                  "| backend | setting | recall@10 | p50 ms | p99 ms | p50 speed-up vs exact | build s | size MB | build peak MB |",
+                  "| backend | setting | recall@10 | p50 ms | p99 ms | p50 speed-up vs exact | build s | size MB "
+                  "| build peak MB |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in rows:
             cell = lambda v, f="{}": "" if v is None else f.format(v)  # noqa: E731
@@ -299,7 +302,8 @@ def machine() -> dict:
         lite = "?"
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30),
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"cpu": cpu, "cores": os.cpu_count(), "ram_gb": round(ram / 2**30),
             "python": platform.python_version(), "numpy": np.__version__, "faiss": faiss.__version__,
             "pymilvus": pymilvus.__version__, "milvus_lite": lite, "load_start": os.getloadavg()[0]}
 
@@ -334,14 +338,16 @@ def main() -> None:
         stores.append((f"CIFAR stand-in ({label})", store))
     result["machine"] = machine()
     for n in (int(float(s)) for s in args.sizes.split(",") if s.strip()):
-        stores.append((f"random unit vectors {n:,}", random_store(work / f"random-{n}-{args.dim}", n, args.dim, seed=0)))
+        store = random_store(work / f"random-{n}-{args.dim}", n, args.dim, seed=0)
+        stores.append((f"random unit vectors {n:,}", store))
     for n in (int(float(s)) for s in args.clustered_sizes.split(",") if s.strip()):
         stores.append((f"clustered unit vectors {n:,}",
                        random_store(work / f"clustered-{n}-{args.dim}", n, args.dim, seed=0, clustered=True)))
     for name, store in stores:
         print(f"{name}: {len(store):,} x {store.dim}", flush=True)
         rng = np.random.default_rng(1)  # queries: fresh draws from the data's own distribution
-        queries = sample(rng, args.queries, store.dim, centres_for(len(store), store.dim) if name.startswith("clustered") else None)
+        centres = centres_for(len(store), store.dim) if name.startswith("clustered") else None
+        queries = sample(rng, args.queries, store.dim, centres)
         if name.startswith("CIFAR"):  # perturbed stored vectors (the stand-in's vectors are very concentrated)
             emb = np.asarray(store.embeddings[rng.choice(len(store), args.queries, replace=False)], np.float32)
             queries = emb + 0.05 * queries / np.sqrt(store.dim)

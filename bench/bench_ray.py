@@ -71,8 +71,8 @@ def main() -> None:
         ray.shutdown()
         print(f"ray: start {ray_start:.1f} s; {remote.count} images in {remote.seconds:.1f} s = "
               f"{remote.images_per_second:.1f} img/s; {run}", flush=True)
-        merge = merge_only(work / "merge", args.merge_rows, dim=encoder.info.embed_dim, shard_rows=256 * args.batch_size,
-                           batch_size=args.batch_size)
+        merge = merge_only(work / "merge", args.merge_rows, dim=encoder.info.embed_dim,
+                           shard_rows=256 * args.batch_size, batch_size=args.batch_size)
         print(f"merge only: {args.merge_rows} rows in {merge:.2f} s", flush=True)
         a = np.asarray(IndexStore.open(work / "local").embeddings)
         b = np.asarray(IndexStore.open(work / "ray").embeddings)
@@ -88,7 +88,8 @@ def main() -> None:
             "merge_rows_per_s": round(args.n / run.merge_seconds) if run.merge_seconds > 0 else None,
             "identical_vectors": identical, "max_abs_diff": float(np.abs(a - b).max()),
             "merge_only_rows": args.merge_rows, "merge_only_seconds": round(merge, 2),
-            "machine": {"cpu": next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+            "machine": {"cpu": next((ln.split(":", 1)[1].strip()
+                                     for ln in Path("/proc/cpuinfo").read_text().splitlines()
                                      if ln.startswith("model name")), platform.processor()),
                         "cores": os.cpu_count(), "ray": ray.__version__, "load_start": load_start,
                         "load_end": os.getloadavg()[0]},

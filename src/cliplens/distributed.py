@@ -73,7 +73,8 @@ class RayEngine:
         n = len(source)
         done = writer.start()  # rows already merged into the store by an earlier run
         shard_rows = max(1, self.options.shard_batches) * batch_size  # a multiple of batch_size: same batches as local
-        shards = [(i, s, min(s + shard_rows, n)) for i, s in enumerate(range(0, n, shard_rows)) if min(s + shard_rows, n) > done]
+        bounds = [(i, s, min(s + shard_rows, n)) for i, s in enumerate(range(0, n, shard_rows))]
+        shards = [(i, s, e) for i, s, e in bounds if e > done]
         folder = _shard_folder(Path(writer.root), writer.identity, shard_rows, encoder.info.embed_dim)
         have = {i for i, s, e in shards if _valid_shard(folder, i, e - s, encoder.info.embed_dim)}
         todo = [sh for sh in shards if sh[0] not in have]
@@ -94,8 +95,9 @@ class RayEngine:
             writer.checkpoint(n)
         t3 = time.perf_counter()
         shutil.rmtree(folder, ignore_errors=True)  # the writer's checkpoint now holds every row
-        self.last_run = RayRunStats(shards=len(shards), shards_reused=len(shards) - len(todo), shards_computed=len(todo),
-                                    actors=actors, embed_seconds=t2 - t1, merge_seconds=t3 - t2)
+        self.last_run = RayRunStats(shards=len(shards), shards_reused=len(shards) - len(todo),
+                                    shards_computed=len(todo), actors=actors, embed_seconds=t2 - t1,
+                                    merge_seconds=t3 - t2)
         log.info("ray: %d shards (%d reused) on %d actors in %.1f s, merged in %.2f s", len(shards),
                  len(shards) - len(todo), actors, t2 - t1, t3 - t2)
         return EmbedStats(count=n - done, resumed_from=done, seconds=time.perf_counter() - t0)
@@ -108,7 +110,9 @@ class RayEngine:
         try:
             opts = self.options
             resources = ray.cluster_resources()
-            gpus = opts.gpus_per_actor if opts.gpus_per_actor is not None else (1.0 if resources.get("GPU", 0) >= 1 else 0.0)
+            gpus = opts.gpus_per_actor
+            if gpus is None:
+                gpus = 1.0 if resources.get("GPU", 0) >= 1 else 0.0
             capacity = (resources.get("GPU", 0) / gpus) if gpus else (resources.get("CPU", 1) / opts.cpus_per_actor)
             actors = max(1, min(len(todo), opts.actors or int(capacity) or 1))
             spec = _encoder_spec(encoder, device="cuda" if gpus else "cpu")
@@ -130,10 +134,10 @@ def _stream_shards(todo, source, spec: dict, folder: Path, *, actors: int, gpus:
     from ray.data import ActorPoolStrategy, DataContext
     from tqdm import tqdm
 
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False  # ours counts images
-    if hasattr(ctx, "print_on_execution_start"):  # Ray >= 2.4x: no "Starting execution" lines on the console
-        ctx.print_on_execution_start = False
+    ctx = DataContext.get_current()  # the driver's global context: changed for this job only, restored below
+    saved = {k: getattr(ctx, k) for k in ("enable_progress_bars", "print_on_execution_start") if hasattr(ctx, k)}
+    for key in saved:  # our progress bar counts images; no "Starting execution" lines on the console
+        setattr(ctx, key, False)
     rows = [{"shard": i, "start": s, "stop": e} for i, s, e in todo]
     ds = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         _ShardEmbedder, batch_size=1, zero_copy_batch=True,
@@ -155,6 +159,8 @@ def _stream_shards(todo, source, spec: dict, folder: Path, *, actors: int, gpus:
         return _first_line(exc)
     finally:
         bar.close()
+        for key, value in saved.items():
+            setattr(ctx, key, value)
     return None
 
 

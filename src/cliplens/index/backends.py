@@ -132,7 +132,8 @@ def combine_masks(allowed: np.ndarray | None, deleted: np.ndarray | None, n: int
     return ~deleted if allowed is None else allowed & ~deleted
 
 
-def rescore(queries: np.ndarray, candidates: np.ndarray, embeddings: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+def rescore(queries: np.ndarray, candidates: np.ndarray, embeddings: np.ndarray,
+            k: int) -> tuple[np.ndarray, np.ndarray]:
     """Exact cosines of each query's candidate ids (-1 = none), best ``k`` first, ties by lower id.
 
     Returns (scores, ids) of shape (Q, k') where k' is the most hits any query has (at most ``k``); shorter rows
@@ -158,7 +159,8 @@ def rescore(queries: np.ndarray, candidates: np.ndarray, embeddings: np.ndarray,
 def label_mask(store, *, labels=None, superclasses=None) -> np.ndarray:
     """bool (N,) mask of items whose label (or superclass) is one of the given ids or names."""
     mask = np.ones(len(store), dtype=bool)
-    for column, names, wanted in (("label", store.class_names, labels), ("superclass", store.superclass_names, superclasses)):
+    wanted_by_column = (("label", store.class_names, labels), ("superclass", store.superclass_names, superclasses))
+    for column, names, wanted in wanted_by_column:
         if wanted is None:
             continue
         if column not in store.items:

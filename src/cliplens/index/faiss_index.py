@@ -66,12 +66,14 @@ class FaissIndex:
             raise BackendError(f"k_factor must be at least 1, got {k_factor}")
         self.k_factor = int(k_factor)  # search k x k_factor candidates, keep the best k after exact rescoring
         self.deleted = np.load(paths[2]) if paths[2].is_file() else np.zeros(index.ntotal, dtype=bool)
-        self._kind = _kind(index)
+        # which per-query knobs apply: "hnsw", "ivf" or "ivf+hnsw" (an IVF with an HNSW quantizer)
+        self._kind = "+".join((["ivf"] if _is_ivf(index) else []) + (["hnsw"] if _find_hnsw(index) is not None else []))
 
     # ---------------------------------------------------------------- build / open
     @classmethod
     def build(cls, store, *, factory: str = DEFAULT_FACTORY, name: str | None = None, train_size: int | None = None,
-              ef_construction: int | None = None, seed: int = 0, progress: bool = True, **search_options) -> "FaissIndex":
+              ef_construction: int | None = None, seed: int = 0, progress: bool = True,
+              **search_options) -> "FaissIndex":
         """Train (on a seeded sample, where the index needs it), add every vector, save; returns the opened index."""
         from tqdm import tqdm
 
@@ -99,7 +101,7 @@ class FaissIndex:
             bar.update(len(block))
         bar.close()
         seconds = time.perf_counter() - t0
-        index_path, meta_path, deleted_path = paths = _paths(store, factory, name)
+        index_path, meta_path, deleted_path = _paths(store, factory, name)
         meta_path.unlink(missing_ok=True)  # from here until the new JSON lands, the old index no longer opens
         deleted_path.unlink(missing_ok=True)
         with atomic_path(index_path) as tmp:
@@ -120,14 +122,17 @@ class FaissIndex:
         """Open a saved index, memory-mapped where FAISS allows; refuse one built for another store."""
         paths = index_path, meta_path, _ = _paths(store, factory, name)
         if not meta_path.is_file() or not index_path.is_file():
-            raise BackendError(f"no FAISS {factory} index in {index_path.parent}: build it with {_rebuild_hint(store, factory)}")
-        try:
-            meta = json.loads(meta_path.read_text())
-        except (OSError, ValueError):
-            raise BackendError(f"{meta_path} is unreadable: rebuild it with {_rebuild_hint(store, factory)}") from None
+            built = _built_factories(index_path.parent)
+            hint = f" (built here: {', '.join(built)}; pick one with --faiss-index)" if built else ""
+            raise BackendError(f"no FAISS {factory} index in {index_path.parent}{hint}: build it with "
+                               f"{_rebuild_hint(store, factory)}")
+        meta = _read_meta(meta_path)
+        if meta is None:
+            raise BackendError(f"{meta_path} is unreadable: rebuild it with {_rebuild_hint(store, factory)}")
         if meta.get("store_key") != store_key(store):
+            hint = _rebuild_hint(store, meta.get("factory", factory))
             raise BackendError(f"the FAISS index {index_path.name} was built for another index than {store.root} "
-                               f"(rebuilt or copied since): rebuild it with {_rebuild_hint(store, meta.get('factory', factory))}")
+                               f"(rebuilt or copied since): rebuild it with {hint}")
         index = _read(index_path, mmap=mmap)
         if index.ntotal != len(store) or index.d != store.dim:
             raise BackendError(f"{index_path} holds {index.ntotal} x {index.d} vectors, the store {len(store)} x "
@@ -149,9 +154,19 @@ class FaissIndex:
         k = min(int(k), available)
         if k <= 0:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        ef_search = ef_search if ef_search is not None else self.ef_search
+        nprobe = nprobe if nprobe is not None else self.nprobe
+        if ef_search is not None and "hnsw" not in self._kind:
+            raise BackendError(f"efSearch applies to HNSW indexes, not {self.factory!r}")
+        if nprobe is not None and "ivf" not in self._kind:
+            raise BackendError(f"nprobe applies to IVF indexes, not {self.factory!r}")
         keep = []  # FAISS does not own what the parameter objects point to: keep them alive until the search ends
-        params = self._params(mask, ef_search if ef_search is not None else self.ef_search,
-                              nprobe if nprobe is not None else self.nprobe, keep)
+        sel = None
+        if mask is not None:
+            bitmap = np.packbits(mask, bitorder="little")  # bit i of the bitmap is id i
+            sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
+            keep += [bitmap, sel]
+        params = _search_params(self.index, sel, ef_search, nprobe, keep)
         _, candidates = self.index.search(q, min(k * self.k_factor, available), params=params)
         return rescore(q, candidates, self.store.embeddings, k)
 
@@ -165,18 +180,6 @@ class FaissIndex:
             with open(tmp, "wb") as f:
                 np.save(f, self.deleted)
         return int(self.deleted.sum()) - before
-
-    def _params(self, mask, ef_search, nprobe, keep: list):
-        sel = None
-        if mask is not None:
-            bitmap = np.packbits(mask, bitorder="little")  # bit i of the bitmap is id i
-            sel = faiss.IDSelectorBitmap(len(bitmap), faiss.swig_ptr(bitmap))
-            keep += [bitmap, sel]
-        if ef_search is not None and "hnsw" not in self._kind:
-            raise BackendError(f"efSearch applies to HNSW indexes, not {self.factory!r}")
-        if nprobe is not None and "ivf" not in self._kind:
-            raise BackendError(f"nprobe applies to IVF indexes, not {self.factory!r}")
-        return _search_params(self.index, sel, ef_search, nprobe, keep)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -227,6 +230,18 @@ def _read(path: Path, *, mmap: bool):
                            "`cliplens build-index`") from None
 
 
+def _read_meta(path: Path) -> dict | None:
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return meta if isinstance(meta, dict) else None
+
+
+def _built_factories(folder: Path) -> list[str]:
+    return [m["factory"] for m in map(_read_meta, sorted(folder.glob("*.json"))) if m and "factory" in m]
+
+
 def _is_ivf(index) -> bool:
     try:
         return faiss.extract_index_ivf(index) is not None
@@ -243,12 +258,6 @@ def _find_hnsw(index):
         quantizer = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
         return getattr(quantizer, "hnsw", None)
     return None
-
-
-def _kind(index) -> str:
-    """Which per-query knobs apply: "hnsw", "ivf", "ivf+hnsw" (an IVF with an HNSW quantizer) or ""."""
-    parts = (["ivf"] if _is_ivf(index) else []) + (["hnsw"] if _find_hnsw(index) is not None else [])
-    return "+".join(parts)
 
 
 def _search_params(index, sel, ef_search, nprobe, keep: list):

@@ -59,7 +59,8 @@ def connect(store, *, uri: str | None = None, timeout: float = 10.0):
     try:
         return MilvusClient(uri=uri, token=token, timeout=timeout), uri
     except Exception as exc:  # pymilvus raises MilvusException, grpc errors, ConnectionError, ...
-        reason = str(getattr(exc, "message", None) or exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        text = str(getattr(exc, "message", None) or exc).strip()
+        reason = text.splitlines()[0][:200] if text else type(exc).__name__
         if uri.endswith(".db"):
             raise BackendError(f"cannot open Milvus Lite file {uri} ({reason}): is another process using it? "
                                "(is milvus-lite installed? pip install 'cliplens[milvus]')") from None
@@ -119,7 +120,8 @@ class MilvusIndex:
         for lo in range(0, n, batch_size):
             hi = min(lo + batch_size, n)
             vectors = np.asarray(store.embeddings[lo:hi], dtype=np.float32)
-            rows = [{"id": i, "vector": vectors[i - lo], **{c: _py(items[c][i]) for c in fields}} for i in range(lo, hi)]
+            rows = [{"id": i, "vector": vectors[i - lo], **{c: _py(items[c][i]) for c in fields}}
+                    for i in range(lo, hi)]
             client.upsert(name, rows)
             bar.update(hi - lo)
         bar.close()
@@ -162,8 +164,9 @@ class MilvusIndex:
             raise BackendError(f"Milvus returns at most {MAX_TOPK} hits per query, asked for {k}: ask for fewer")
         parts = [p for p in (self.filter_expr(allowed), expr) if p]
         self.last_filter = " and ".join(f"({p})" for p in parts) if parts else None
+        params = {"metric_type": "IP", "params": self.search_params}
         res = self.client.search(self.collection, data=[row for row in q], limit=k, filter=self.last_filter or "",
-                                 output_fields=["id"], search_params={"metric_type": "IP", "params": self.search_params})
+                                 output_fields=["id"], search_params=params)
         candidates = np.full((len(q), k), -1, dtype=np.int64)
         for row, hits in enumerate(res):
             ids = [int(h["id"]) for h in hits][:k]
