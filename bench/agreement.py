@@ -99,7 +99,7 @@ def run(*, reference, encoders: dict, n: int, command: str) -> Report:
                  [[str(text["prompts"]), f"{text['max_abs_diff']:.2e}", f"{text['min_cosine']:.9f}"]])
     report.data = {"images": data, "text": text}
     report.notes.append("top-10 overlap: |top-10 of the variant ∩ top-10 of the exact path| / 10 per query, "
-                        "over an index of these images; fast mode keeps the text tower exact.")
+                        "over an index of these images; the queries are the exact path's text vectors.")
     report.notes.append("near-tie: an item whose exact score is within twice the variant's largest score error of "
                         "the exact 10th score; with random stand-in weights every text query scores all images "
                         "within a few hundredths, so ranks 10 and 11 are often 1e-4 apart and swap under any error.")
