@@ -1,0 +1,165 @@
+"""The image tower with its matrix products prepacked for oneDNN, in fp32 (exact mode) or bf16 (fast mode).
+
+A ViT-B/32 forward pass on a CPU is ~92% matrix products. ``F.linear`` re-lays out each weight for the
+kernel on every call; oneDNN's linear with a weight packed once runs the same fp32 arithmetic faster
+(measured here, one core, 16 images: 1352 vs 1554 ms fp32, 736 vs 810 ms bf16), and takes the activation
+as a fused post-op, so the MLP's activation costs no extra pass over memory. What changes per block:
+
+- ``mlp``: ``c_fc`` (packed, activation fused) then ``c_proj`` (packed). QuickGELU, ``x * sigmoid(1.702 x)``,
+  equals ``silu(1.702 x) / 1.702``: the 1.702 is folded into ``c_fc`` and the 1/1.702 into ``c_proj``,
+  so it becomes oneDNN's fused ``swish``. ``nn.GELU`` maps to the fused ``gelu`` (erf or tanh).
+- ``attn`` (``nn.MultiheadAttention``, self-attention, batch first): packed input projection, torch's
+  ``scaled_dot_product_attention``, packed output projection. Same call and result as the module it
+  replaces.
+
+Anything else (another block type, cross-attention, an activation without a fused form) is left as it is.
+:func:`pack_visual` checks the packed tower against the original on a probe batch before keeping it, and
+keeps the original where the check fails or this torch has no oneDNN: results within fp32 rounding of
+the reference (max abs difference ~3e-6 on ViT-B/32, cosine 0.9999998) are what "exact" means here.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+QUICK_GELU_SCALE = 1.702
+_ROWS_HINT = 16 * 50  # rows per product the weights are laid out for: 16 images x 50 tokens (any count works)
+
+
+def available() -> bool:
+    """True where torch has oneDNN's packed linear (x86 and ARM builds of torch do)."""
+    ops = getattr(torch.ops, "mkldnn", None)
+    return bool(torch.backends.mkldnn.is_available() and ops is not None
+                and hasattr(ops, "_linear_pointwise") and hasattr(ops, "_reorder_linear_weight"))
+
+
+class PackedLinear(nn.Module):
+    """``post(x @ weight.T + bias)`` with the weight packed once; ``post`` is a oneDNN post-op name."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, *, post: str = "none",
+                 algorithm: str = ""):
+        super().__init__()
+        weight = weight.detach().contiguous()
+        self.out_features = weight.shape[0]
+        self.register_buffer("weight", torch.ops.mkldnn._reorder_linear_weight(weight, _ROWS_HINT))
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.post, self.algorithm = post, algorithm
+
+    def forward(self, x):
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, self.post, [], self.algorithm)
+
+
+def _is_quick_gelu(act: nn.Module) -> bool:
+    if type(act).__name__ != "QuickGELU":
+        return False
+    probe = torch.linspace(-6, 6, 97)  # the name is a hint; the arithmetic is the test
+    with torch.inference_mode():
+        return bool(torch.allclose(act(probe), probe * torch.sigmoid(QUICK_GELU_SCALE * probe), atol=1e-6))
+
+
+class PackedMLP(nn.Module):
+    """open_clip's ``c_fc -> activation -> c_proj`` with the activation fused into ``c_fc``."""
+
+    def __init__(self, fc: PackedLinear, proj: PackedLinear):
+        super().__init__()
+        self.fc, self.proj = fc, proj
+
+    @classmethod
+    def from_mlp(cls, mlp: nn.Module) -> PackedMLP | None:
+        fc, act, proj = (getattr(mlp, name, None) for name in ("c_fc", "gelu", "c_proj"))
+        if not (isinstance(fc, nn.Linear) and isinstance(proj, nn.Linear)) or len(list(mlp.children())) != 3:
+            return None
+        if _is_quick_gelu(act):  # x * sigmoid(1.702 x) == silu(1.702 x) / 1.702
+            s = QUICK_GELU_SCALE
+            return cls(PackedLinear(fc.weight * s, None if fc.bias is None else fc.bias * s, post="swish"),
+                       PackedLinear(proj.weight / s, proj.bias))
+        if type(act) is nn.GELU:
+            return cls(PackedLinear(fc.weight, fc.bias, post="gelu", algorithm=act.approximate),
+                       PackedLinear(proj.weight, proj.bias))
+        return None
+
+    def forward(self, x):
+        return self.proj(self.fc(x))
+
+
+class PackedSelfAttention(nn.Module):
+    """``nn.MultiheadAttention(q, q, q)`` for batch-first self-attention, with packed projections."""
+
+    def __init__(self, attn: nn.MultiheadAttention):
+        super().__init__()
+        self.qkv = PackedLinear(attn.in_proj_weight, attn.in_proj_bias)
+        self.out = PackedLinear(attn.out_proj.weight, attn.out_proj.bias)
+        self.num_heads, self.embed_dim = attn.num_heads, attn.embed_dim
+
+    @classmethod
+    def supports(cls, attn) -> bool:
+        return (type(attn) is nn.MultiheadAttention and attn.batch_first and attn._qkv_same_embed_dim
+                and attn.in_proj_weight is not None and attn.bias_k is None and not attn.add_zero_attn
+                and attn.dropout == 0.0)
+
+    def forward(self, q, k=None, v=None, need_weights: bool = False, attn_mask=None):
+        if (k is not None and k is not q) or (v is not None and v is not q) or need_weights:
+            raise ValueError("PackedSelfAttention computes self-attention without weights only")
+        n, length, width = q.shape
+        heads = self.num_heads
+        qkv = self.qkv(q).view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)
+        return self.out(out.transpose(1, 2).reshape(n, length, width)), None
+
+
+def pack_blocks(visual: nn.Module) -> int:
+    """Pack ``visual.transformer.resblocks`` in place; returns how many modules were replaced."""
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    replaced = 0
+    for block in blocks if blocks is not None else ():
+        if PackedSelfAttention.supports(getattr(block, "attn", None)):
+            block.attn = PackedSelfAttention(block.attn)
+            replaced += 1
+        mlp = getattr(block, "mlp", None)
+        packed = PackedMLP.from_mlp(mlp) if mlp is not None else None
+        if packed is not None:
+            block.mlp = packed
+            replaced += 1
+    return replaced
+
+
+def pack_visual(visual: nn.Module, *, min_cosine: float = 0.99999, probe_images: int = 2) -> bool:
+    """Pack ``visual`` in place if that keeps its output (every probe embedding within ``min_cosine``).
+
+    Returns True when the tower is now packed. On failure the original modules are put back.
+    """
+    if not available():
+        return False
+    blocks = getattr(getattr(visual, "transformer", None), "resblocks", None)
+    if blocks is None or getattr(visual, "cliplens_packed", False):
+        return bool(getattr(visual, "cliplens_packed", False))
+    size = getattr(visual, "image_size", 224)
+    size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
+    dtype = next(visual.parameters()).dtype
+    probe = torch.from_numpy(np.random.default_rng(0).standard_normal((probe_images, 3, *size), np.float32)).to(dtype)
+    saved = [(b, b.attn, b.mlp) for b in blocks if hasattr(b, "attn") and hasattr(b, "mlp")]
+    try:
+        with torch.inference_mode():
+            want = visual(probe).float()
+            if pack_blocks(visual) == 0:
+                return False
+            got = visual(probe).float()
+        cosine = float(F.cosine_similarity(got, want, dim=-1).min())
+    except Exception as exc:  # an operator this torch build lacks, an unusual block: the original stays
+        cosine, reason = float("nan"), f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ''}"
+    else:
+        reason = f"cosine {cosine:.7f} < {min_cosine}"
+    if cosine >= min_cosine:
+        visual.cliplens_packed = True
+        return True
+    for block, attn, mlp in saved:
+        block.attn, block.mlp = attn, mlp
+    log.warning("image tower stays unpacked (%s)", reason)
+    return False
