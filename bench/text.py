@@ -97,7 +97,8 @@ def run(*, reference, encoders: dict, workdir: Path, n: int, reps: int, command:
             return s.search_vector(vec, K, query=c, prompt=f"{len(templates)} templates")
 
         overlaps[name] = len(warm_ref & {h.id for h in single("tractor", True).hits}) / K  # also a warm-up
-        label = f"cliplens {name} ({encoder.info.precision})"
+        runtime = "text in ONNX Runtime fp32" if encoder.text_runner is not None else "text in torch fp32"
+        label = f"cliplens {name} ({encoder.info.precision}, {runtime})"
         cases += [("single query", f"{label}, first time", lambda q, f=single: f(q, True), list(QUERIES)),
                   ("single query", f"{label}, repeated", lambda q, f=single: f(q, False), list(QUERIES)),
                   (f"ensemble of {len(templates)}", f"{label}, first time", lambda c, f=ensembled: f(c, True),
@@ -124,6 +125,9 @@ def run(*, reference, encoders: dict, workdir: Path, n: int, reps: int, command:
                         f"`a photo of a {{}}.`; ensembles: the {len(templates)} CIFAR-100 templates for the "
                         "case studies.")
     report.notes.append("first time = the encoder's text cache emptied before each query; repeated = served from it.")
+    report.notes.append("exact-served = exact mode as `cliplens serve` runs it (`Encoder.speed_up_text`: the text "
+                        "tower in ONNX Runtime, fp32, checked against torch at start-up); `cliplens search` keeps "
+                        "the torch text tower, which needs no start-up.")
     report.notes.append("top-10 for 'tractor' shared with the reference: "
                         + ", ".join(f"{k} {v:.0%}" for k, v in overlaps.items()) + ".")
     return report

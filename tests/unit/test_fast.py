@@ -227,3 +227,26 @@ def test_onnx_text_prefix_equals_the_torch_text_tower(tiny_model):
         np.testing.assert_allclose(enc._encode_texts_uncached(texts), exact._encode_texts_uncached(texts),
                                    atol=2e-6, rtol=0)
     assert enc.encode_texts(QUERIES).dtype == np.float32
+
+
+@pytest.mark.skipif(not fast.onnxruntime_available(), reason="needs onnxruntime")
+def test_exact_encoder_text_in_onnx_runtime_for_servers(tiny_model):
+    """``Encoder.speed_up_text`` (what ``cliplens serve`` turns on): fp32, same vectors to rounding, precision kept."""
+    from cliplens.web.service import EncoderService
+
+    torch_text = load_encoder(tiny_model, device="cpu")
+    served = load_encoder(tiny_model, device="cpu")
+    assert served.speed_up_text() and served.text_runner is not None and served.speed_up_text()
+    assert served.info.precision == "exact"
+    np.testing.assert_allclose(served.encode_texts(QUERIES), torch_text.encode_texts(QUERIES), atol=2e-6, rtol=0)
+    service = EncoderService(load_encoder(tiny_model, device="cpu"))
+    try:
+        assert service.encoder.text_runner is not None
+        np.testing.assert_allclose(service.encode_texts(QUERIES), torch_text.encode_texts(QUERIES), atol=2e-6, rtol=0)
+    finally:
+        service.close()
+    plain = EncoderService(load_encoder(tiny_model, device="cpu"), fast_text=False)
+    try:
+        assert plain.encoder.text_runner is None
+    finally:
+        plain.close()

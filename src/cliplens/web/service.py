@@ -29,8 +29,10 @@ class ServiceStats:
 
 
 class EncoderService:
-    def __init__(self, encoder, *, max_batch: int = 256):
+    def __init__(self, encoder, *, max_batch: int = 256, fast_text: bool = True):
         self.encoder = encoder
+        if fast_text and hasattr(encoder, "speed_up_text"):  # a server answers many queries: worth the set-up
+            encoder.speed_up_text()
         self.info = encoder.info
         self.max_batch = max_batch  # texts per merged call
         self.stats = ServiceStats()
