@@ -246,14 +246,15 @@ class Encoder:
             return self._workers().submit(self._encode_texts_here, texts, batch_size).result()
         return self._encode_texts_here(texts, batch_size)
 
-    def _encode_texts_here(self, texts: list[str], batch_size: int) -> np.ndarray:
+    def _encode_texts_here(self, texts: list[str], batch_size: int, *, normalise: bool = True) -> np.ndarray:
         import torch
 
-        chunks = []
+        finish = _normalise if normalise else (lambda feats: feats.float().cpu().numpy())
+        chunks = [np.zeros((0, self.info.embed_dim), np.float32)]
         with torch.inference_mode(), self._autocast():
             for i in range(0, len(texts), batch_size):
                 tokens = self.tokenizer(texts[i : i + batch_size]).to(self.device)
-                chunks.append(_normalise(self._encode_tokens(tokens)))
+                chunks.append(finish(self._encode_tokens(tokens)))
         return np.concatenate(chunks)
 
     def encode_texts_raw(self, texts: Sequence[str], batch_size: int = 256) -> np.ndarray:
@@ -261,14 +262,7 @@ class Encoder:
 
         Only "average-first" prompt ensembling needs these raw norms; everything else uses encode_texts.
         """
-        import torch
-
-        texts, chunks = list(texts), [np.zeros((0, self.info.embed_dim), np.float32)]
-        with torch.inference_mode(), self._autocast():
-            for i in range(0, len(texts), batch_size):
-                tokens = self.tokenizer(texts[i : i + batch_size]).to(self.device)
-                chunks.append(self._encode_tokens(tokens).float().cpu().numpy())
-        return np.concatenate(chunks)
+        return self._encode_texts_here(list(texts), batch_size, normalise=False)
 
     def _encode_tokens(self, tokens):
         """CLIP text tower on the prefix that matters: exact because attention is causal and pooling is at EOT."""

@@ -8,7 +8,6 @@ published ones, unpickle with an allow-list, then decode rows of 3072 bytes (102
 from __future__ import annotations
 
 import logging
-import os
 import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from cliplens._files import cliplens_home
 from cliplens.datasets import _download
 from cliplens.datasets._decode import fine_to_coarse, read_batch, read_names, rows_to_images
 from cliplens.datasets._download import checksum_error, file_digests
@@ -117,7 +117,7 @@ class LabeledImages:
 
 def default_data_dir() -> Path:
     """``$CLIPLENS_HOME/data``, CLIPLENS_HOME defaulting to ``~/.cache/cliplens``."""
-    return Path(os.environ.get("CLIPLENS_HOME") or "~/.cache/cliplens").expanduser() / "data"
+    return cliplens_home() / "data"
 
 
 def load_cifar(
