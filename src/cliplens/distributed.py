@@ -11,7 +11,12 @@
 - The store then merges the shards, in order, into the usual resumable ``IndexWriter``: same index format.
 
 ``ray.init()`` with no address starts a local Ray on this machine (what the tests use); ``address="auto"`` joins
-the cluster this machine belongs to and ``"ray://head:10001"`` connects through Ray Client.
+the cluster this machine belongs to and ``"ray://head:10001"`` connects through Ray Client (after a quick TCP check
+of that port, so an unreachable head fails in seconds, not after Ray Client's 30 s of retries).
+
+A source may record rows it could not load in a ``failed`` dict (row -> reason), as an image folder's
+``FolderSource`` does: those rows come back as zero vectors (the encoder never outputs zero, so zero means
+failed) and their reasons are merged into the driver's ``source.failed``, as if the rows had been loaded there.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +42,8 @@ log = logging.getLogger(__name__)
 SHARDS = "shards"
 SHARDS_META = "shards.json"
 _ENV_PASSED = ("HF_HOME", "HF_HUB_OFFLINE", "HF_HUB_CACHE", "CLIPLENS_HOME")  # what a local Ray's workers need
+RAY_CLIENT_PORT = 10001  # Ray Client's default server port on the head node
+CONNECT_TIMEOUT = 3.0  # seconds for the TCP check of a ray:// address
 
 
 @dataclass(frozen=True)
@@ -154,6 +162,9 @@ def _stream_shards(todo, source, spec: dict, folder: Path, *, actors: int, gpus:
             with atomic_path(folder / _shard_name(i)) as tmp:
                 with open(tmp, "wb") as f:
                     np.save(f, vectors)
+            failed = json.loads(str(batch["failed"][0]))
+            if failed and isinstance(getattr(source, "failed", None), dict):
+                source.failed.update({int(row): reason for row, reason in failed.items()})
             bar.update(len(vectors))
     except ray.exceptions.RayError as exc:
         return _first_line(exc)
@@ -195,7 +206,11 @@ class _ShardEmbedder:
                     raise
                 log.warning("shard %d (rows %d..%d) failed (%s: %s); retrying", shard, start, stop,
                             type(exc).__name__, exc)
-        return {"shard": np.array([shard]), "vectors": vectors[None]}
+        recorded = getattr(self.source, "failed", None)  # rows the source could not load (an image folder's)
+        failed = {i: r for i, r in recorded.items() if start <= i < stop} if isinstance(recorded, dict) else {}
+        if failed:
+            vectors[[i - start for i in failed]] = 0  # zero = failed, also in the shard file a later run reuses
+        return {"shard": np.array([shard]), "vectors": vectors[None], "failed": np.array([json.dumps(failed)])}
 
     def _embed(self, start: int, stop: int) -> np.ndarray:
         enc, bs = self.encoder, self.batch_size
@@ -212,6 +227,7 @@ def connect_ray(options: RayOptions) -> bool:
 
     if ray.is_initialized():
         return False
+    check_ray_address(options.address)
     kwargs = {"include_dashboard": False, "logging_level": logging.WARNING, "log_to_driver": False}
     try:
         if options.address:
@@ -224,6 +240,32 @@ def connect_ray(options: RayOptions) -> bool:
         raise EngineError(f"cannot start or reach {where} ({_first_line(exc)}): check --ray-address "
                           "(auto, or ray://HEAD:10001) and that the cluster runs this Ray version") from None
     return True
+
+
+def check_ray_address(address: str | None, *, timeout: float = CONNECT_TIMEOUT) -> None:
+    """For a ``ray://host:port`` address, a TCP connect to that port: EngineError within ``timeout`` seconds if
+    nothing listens there (Ray Client itself retries for 30 s before giving up). Other addresses are left to Ray."""
+    if not address or not address.strip().lower().startswith("ray://"):
+        return
+    from urllib.parse import urlsplit
+
+    address = address.strip()
+    try:
+        parts = urlsplit(address)
+        host, port = parts.hostname, parts.port or RAY_CLIENT_PORT
+    except ValueError as exc:
+        raise EngineError(f"bad --ray-address {address!r} ({exc}): use ray://HOST:PORT, "
+                          "e.g. ray://head:10001") from None
+    if not host:
+        raise EngineError(f"bad --ray-address {address!r} (no host): use ray://HOST:PORT, e.g. ray://head:10001")
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            pass
+    except OSError as exc:
+        reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
+        raise EngineError(f"cannot reach the Ray cluster at {address} ({reason} within {timeout:g} s): start the head "
+                          f"with `ray start --head --ray-client-server-port {port}`, or fix --ray-address "
+                          "(ray://HEAD:PORT, or auto on a cluster node)") from None
 
 
 def _encoder_spec(encoder, *, device: str) -> dict:

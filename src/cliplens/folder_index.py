@@ -8,9 +8,10 @@ Each run compares the folder with the index already in ``index_dir`` (if any):
 - indexed paths that are gone, and whose content did not move elsewhere, are removed;
 - files that cannot be decoded, or claim more than ``max_megapixels``, are skipped with one warning each.
 
-New embeddings go through ``embed_into`` into ``index_dir/pending/`` (a resumable mini-index), so an
-interrupted run continues where it stopped. The finished index is then written whole, in sorted path order,
-by a fresh IndexWriter: the manifest (written last) makes it visible, as for every cliplens index.
+New embeddings go through ``embed_into`` (or ``embed_fn``, e.g. the Ray engine's: same contract) into
+``index_dir/pending/`` (a resumable mini-index), so an interrupted run continues where it stopped. The finished
+index is then written whole, in sorted path order, by a fresh IndexWriter: the manifest (written last) makes it
+visible, as for every cliplens index.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -36,7 +38,7 @@ from cliplens.datasets.folder import (
     sha256_file,
     walk_folder,
 )
-from cliplens.embed import embed_into
+from cliplens.embed import choose_batch_size, embed_into
 from cliplens.errors import DatasetError, StoreError
 from cliplens.store import MANIFEST, IndexStore, IndexWriter
 
@@ -51,7 +53,7 @@ class FolderIndexOptions:
     exclude: tuple[str, ...] = ()
     include_hidden: bool = False
     max_megapixels: float = DEFAULT_MAX_MEGAPIXELS
-    batch_size: int = 32
+    batch_size: int | None = 32  # None: chosen by a quick probe of the model and device
     dtype: str = "float32"
     workers: int = 2  # decoding threads
     progress: bool = True
@@ -90,6 +92,14 @@ class _ZeroFailed:
 
     def __init__(self, writer: IndexWriter, failed: dict[int, str]):
         self.writer, self.failed = writer, failed
+
+    @property
+    def root(self):  # what the Ray engine needs of a writer: where to keep its shards, and for which job
+        return self.writer.root
+
+    @property
+    def identity(self) -> dict:
+        return self.writer.identity
 
     def start(self) -> int:
         return self.writer.start()
@@ -180,8 +190,13 @@ def _plan(root: Path, files: list[FolderFile], prev, options: FolderIndexOptions
 
 
 def index_folder(root: str | Path, encoder, index_dir: str | Path, *,
-                 options: FolderIndexOptions = FolderIndexOptions()) -> FolderIndexSummary:
-    """Bring ``index_dir`` up to date with the images under ``root``; see the module docstring."""
+                 options: FolderIndexOptions = FolderIndexOptions(),
+                 embed_fn: Callable | None = None) -> FolderIndexSummary:
+    """Bring ``index_dir`` up to date with the images under ``root``; see the module docstring.
+
+    ``embed_fn`` replaces :func:`cliplens.embed.embed_into` for the new and changed images (same signature), e.g.
+    ``RayEngine(...).embed_into``; which images are embedded, reused or removed does not depend on it.
+    """
     root = Path(root).expanduser().resolve()
     index_dir = Path(index_dir).expanduser()
     info = encoder.info
@@ -196,7 +211,7 @@ def index_folder(root: str | Path, encoder, index_dir: str | Path, *,
     new_vectors = np.zeros((0, info.embed_dim), np.float32)
     if todo:
         new_vectors, failed = _embed_pending(root, [t[0].rel for t in todo], [t[1] for t in todo], encoder,
-                                             index_dir / PENDING, options)
+                                             index_dir / PENDING, options, embed_fn=embed_fn)
         plan.skipped += [(todo[pos][0].rel, reason) for pos, reason in sorted(failed.items())]
     embedded_seconds = time.perf_counter() - t0
     for rel, reason in plan.skipped:
@@ -284,18 +299,20 @@ def _write_index(index_dir: Path, root: Path, info, rows, prev_emb, new_vectors,
 
 
 def _embed_pending(root: Path, rels: list[str], shas: list[str], encoder, pending_dir: Path,
-                   options: FolderIndexOptions) -> tuple[np.ndarray, dict[int, str]]:
+                   options: FolderIndexOptions, *,
+                   embed_fn: Callable | None = None) -> tuple[np.ndarray, dict[int, str]]:
     """Embed ``rels`` into the resumable mini-index ``pending_dir``; return (vectors, failed position -> reason)."""
     info = encoder.info
+    batch_size = options.batch_size or choose_batch_size(encoder)  # fixed here: a resumed run batches the same way
     identity = {"model": info.name, "weights_sha256": info.weights_sha256, "precision": info.precision,
                 "source": "folder-pending", "count": len(rels),
                 "fingerprint": hashlib.sha256(json.dumps([rels, shas]).encode()).hexdigest(),
-                "dtype": "float32", "batch_size": options.batch_size}
+                "dtype": "float32", "batch_size": batch_size}
     writer = IndexWriter(root=pending_dir, identity=identity, dim=info.embed_dim)
     source = FolderSource(root, rels, max_pixels=options.max_pixels)
     if not writer.is_complete():
-        embed_into(source, encoder, _ZeroFailed(writer, source.failed), batch_size=options.batch_size,
-                   checkpoint_every=1, workers=options.workers, progress=options.progress)
+        (embed_fn or embed_into)(source, encoder, _ZeroFailed(writer, source.failed), batch_size=batch_size,
+                                 checkpoint_every=1, workers=options.workers, progress=options.progress)
         writer.finalize(items={"id": np.arange(len(rels), dtype=np.int64), "ref": rels, "sha256": shas},
                         manifest={"model": dict(info.__dict__), "source": {"type": "folder-pending"}})
     vectors = np.load(pending_dir / "embeddings.npy")

@@ -2,7 +2,8 @@
 
 The store a Ray run writes must equal the local run's (same vectors, bit for bit; same items and manifest apart
 from timestamps and speed); a shard that raises once is retried; a run that fails keeps its finished shards and
-the next run redoes only the others.
+the next run redoes only the others. An image folder indexed with ``--engine ray`` equals a local run too, first
+run and incremental run alike (added, updated, removed, reused; the undecodable file skipped on the worker).
 """
 
 from __future__ import annotations
@@ -11,8 +12,10 @@ import os
 import sys
 from pathlib import Path
 
+import folder_fixture
 import numpy as np
 import pytest
+from PIL import Image
 
 ray = pytest.importorskip("ray")
 
@@ -111,3 +114,62 @@ def test_failed_run_keeps_finished_shards_and_resumes(tiny_index, tiny_encoder, 
     assert engine.last_run.shards_reused == len(kept) and engine.last_run.shards_computed == 4 - len(kept)
     assert np.array_equal(vectors, np.asarray(reference.embeddings))
 
+
+
+def _folder_run(argv, capsys) -> str:
+    from cliplens.cli import main
+
+    code = main(argv)
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    line = out.strip()
+    return line.split(": ", 1)[1].split(" images in ")[0]  # the counts, without the index folder's path
+
+
+def _same_folder_index(ray_dir: Path, local_dir: Path) -> None:
+    ray_store, local_store = IndexStore.open(ray_dir), IndexStore.open(local_dir)
+    for column in ("id", "path", "ref", "sha256", "size", "mtime_ns", "caption"):
+        assert list(ray_store.items[column]) == list(local_store.items[column]), column
+    np.testing.assert_allclose(np.asarray(ray_store.embeddings), np.asarray(local_store.embeddings), rtol=0, atol=1e-6)
+    assert ray_store.manifest["folder"]["skipped"] == local_store.manifest["folder"]["skipped"]
+
+
+def test_cli_folder_engine_ray_equals_local_and_stays_incremental(tiny_model, tmp_path, capsys, monkeypatch):
+    runs = []
+    embed_into = RayEngine.embed_into
+
+    def spy(self, *args, **kwargs):  # proves the folder's new images went through Ray, and how many shards
+        stats = embed_into(self, *args, **kwargs)
+        runs.append((len(args[0]), self.last_run))
+        return stats
+
+    monkeypatch.setattr(RayEngine, "embed_into", spy)
+    photos = folder_fixture.make_folder(tmp_path / "photos")
+    common = ["--model", tiny_model, "--device", "cpu", "--batch-size", "4", "-q"]
+    local, remote = tmp_path / "local", tmp_path / "ray"
+
+    def both() -> tuple[str, str]:
+        return (_folder_run(["index", str(photos), "--index-dir", str(local), *common], capsys),
+                _folder_run(["index", str(photos), "--index-dir", str(remote), *common, "--engine", "ray"], capsys))
+
+    first_local, first_ray = both()
+    good = len(folder_fixture.GOOD)
+    assert first_ray == first_local == f"{good} added, 0 updated, 0 removed, 0 reused, 3 skipped (0 unchanged; {good}"
+    _same_folder_index(remote, local)
+    skipped = {s["path"] for s in IndexStore.open(remote).manifest["folder"]["skipped"]}
+    assert "truncated.png" in skipped  # its decoding failed on a Ray worker, and the driver heard of it
+    assert runs[-1][0] == good + 1 and runs[-1][1].shards_computed == 1  # 10 decodable headers, one shard of 16 x 4
+
+    rng = np.random.default_rng(1)
+    os.rename(photos / "sub/b.jpg", photos / "moved-b.jpg")  # reused by content hash
+    st = (photos / "e.bmp").stat()
+    Image.fromarray(folder_fixture.noise(rng, 20, 30)).save(photos / "e.bmp")  # updated
+    os.utime(photos / "e.bmp", ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    (photos / "f.tiff").unlink()  # removed
+    Image.fromarray(folder_fixture.noise(rng, 24, 24)).save(photos / "new.png")  # added
+    second_local, second_ray = both()
+    want = f"1 added, 1 updated, 1 removed, 1 reused, 3 skipped ({good - 3} unchanged; {good}"
+    assert second_ray == second_local == want
+    _same_folder_index(remote, local)
+    assert runs[-1][0] == 2  # only new.png and the changed e.bmp were embedded, on Ray
+    assert not (remote / "pending").exists()

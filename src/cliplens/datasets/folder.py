@@ -241,6 +241,12 @@ class FolderSource:
     def load(self, start: int, stop: int) -> list:
         from PIL import Image
 
+        if not self.root.is_dir():  # e.g. a Ray worker on another machine, without the folder at this path
+            import socket
+
+            raise DatasetError(f"the image folder {self.root} is not readable on {socket.gethostname()}: with "
+                               "--engine ray on a cluster, every node must see the folder at the same path")
+        allow_pixels(self.max_pixels)  # PIL's guard is per process: a Ray worker's is still at PIL's default
         out = []
         for i in range(start, stop):
             try:
@@ -249,7 +255,6 @@ class FolderSource:
                 self.failed[i] = exc.reason
                 out.append(Image.new("RGB", (8, 8)))  # the indexer drops its row
         return out
-
 
 
 # --------------------------------------------------------------------------- sidecars
