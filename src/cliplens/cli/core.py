@@ -64,29 +64,30 @@ def _positive_int(text: str) -> int:
 
 
 def cmd_index(args) -> int:
-    from cliplens.cli.scale import build_after_index, engine_embed_fn
+    from cliplens.cli.scale import build_after_index, check_build_flags, engine_embed_fn
     from cliplens.datasets import load_cifar
     from cliplens.embed import index_labeled
 
     source = args.source.lower()
-    if source.replace("-", "") not in ("cifar100", "cifar10"):
-        if Path(args.source).expanduser().is_dir():  # an image folder: incremental indexing
-            from cliplens.cli.web import cmd_index_folder
-
-            if args.engine != "local":
-                raise CliplensError("--engine ray embeds cifar100/cifar10; index an image folder with --engine local")
-            code = cmd_index_folder(args)
-            root = Path(args.source).expanduser().resolve()
-            build_after_index(args, args.index_dir or default_index_dir(f"folder-{root.name or 'root'}"))
-            return code
+    is_folder = source.replace("-", "") not in ("cifar100", "cifar10")
+    if is_folder and not Path(args.source).expanduser().is_dir():
         raise CliplensError(f"unknown source {args.source!r}: use cifar100, cifar10 or the path of an image folder")
+    check_build_flags(args)  # bad build settings or an unreachable Ray: said now, not after the embedding
+    embed_fn = engine_embed_fn(args)
+    if is_folder:  # an image folder: incremental indexing
+        from cliplens.cli.web import cmd_index_folder
+
+        code = cmd_index_folder(args, embed_fn=embed_fn)
+        root = Path(args.source).expanduser().resolve()
+        build_after_index(args, args.index_dir or default_index_dir(f"folder-{root.name or 'root'}"))
+        return code
     index_dir = args.index_dir or default_index_dir(f"{source.replace('-', '')}-{args.split}")
     data = load_cifar(source, args.split, data_dir=args.data_dir, verify=not args.no_verify, limit=args.limit,
                       progress=not args.quiet)
     encoder = load_model(args)
     manifest, stats = index_labeled(data, encoder, index_dir, batch_size=args.batch_size, dtype=args.dtype,
                                     checkpoint_every=args.checkpoint_every, progress=not args.quiet,
-                                    embed_fn=engine_embed_fn(args))
+                                    embed_fn=embed_fn)
     if stats.count == 0:
         print(f"{index_dir}: already complete ({manifest['count']} images), nothing to do")
     else:
@@ -235,7 +236,7 @@ def cmd_demo(args) -> int:
 
 
 def register(sub) -> None:
-    from cliplens.cli.scale import add_backend_flags, add_engine_flags
+    from cliplens.cli.scale import add_backend_flags, add_build_flags, add_engine_flags
 
     p = sub.add_parser("index", help="embed a data set into an index folder",
                        description="Embed a data set with CLIP into an index folder (resumable).")
@@ -255,6 +256,7 @@ def register(sub) -> None:
     p.add_argument("--max-megapixels", type=float, default=100.0, help="folders: skip larger images (default 100)")
     add_model_flags(p)
     add_backend_flags(p)
+    add_build_flags(p)
     add_engine_flags(p)
     p.set_defaults(handler=cmd_index)
 

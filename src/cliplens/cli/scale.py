@@ -1,5 +1,7 @@
 """Scale-out subcommand and flags: ``build-index`` (a FAISS index or a Milvus collection from an existing store),
-``--backend`` for the commands that search, and ``--engine ray`` for ``index``.
+``--backend`` for the commands that search (``search``, ``evaluate``, ``serve``), build settings
+(``--ef-construction``, ``--train-size``) for the commands that build one (``build-index``, ``index``), and
+``--engine ray`` for ``index`` (CIFAR and image folders).
 
 Other commands wire the backend in with two lines::
 
@@ -34,6 +36,32 @@ def add_backend_flags(p: argparse.ArgumentParser, *, default: str | None = "exac
     g.add_argument("--milvus-collection", default=None, metavar="NAME", help="default cliplens_<index folder name>")
 
 
+def add_build_flags(p: argparse.ArgumentParser) -> None:
+    """Settings that only matter while a backend is built (``build-index``, ``index --backend ...``)."""
+    g = p.add_argument_group("index backend build")
+    g.add_argument("--ef-construction", type=_positive_int, default=None, metavar="N",
+                   help="FAISS HNSW: candidates explored per insertion while building the graph (FAISS default 40; "
+                        "higher: better recall, slower build)")
+    g.add_argument("--train-size", type=_positive_int, default=None,
+                   help="FAISS: vectors sampled to train IVF/PQ (default 39 per list, at least 10000)")
+
+
+def check_build_flags(args) -> None:
+    """Refuse build settings the chosen backend would not use, before anything slow runs."""
+    from cliplens.errors import BackendError
+
+    ef = getattr(args, "ef_construction", None)
+    if ef is None:
+        return
+    name = (getattr(args, "backend", None) or "exact").strip().lower()
+    if name != "faiss":
+        raise BackendError(f"--ef-construction sets how a FAISS HNSW index is built, not the {name} backend: "
+                           "use it with --backend faiss --faiss-index HNSW32")
+    if "HNSW" not in (args.faiss_index or "").upper():
+        raise BackendError(f"--ef-construction applies to HNSW indexes, not {args.faiss_index!r}: "
+                           'use an HNSW factory string such as "HNSW32", or drop --ef-construction')
+
+
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("embedding engine")
     g.add_argument("--engine", default="local", choices=["local", "ray"], help="where to embed (default local)")
@@ -48,7 +76,8 @@ def backend_options(args, *, build: bool = False) -> dict:
     if name == "faiss":
         opts = {"factory": args.faiss_index, "ef_search": args.ef_search, "nprobe": args.nprobe}
         if build:
-            opts.update(train_size=getattr(args, "train_size", None), progress=not getattr(args, "quiet", False))
+            opts.update(train_size=getattr(args, "train_size", None), progress=not getattr(args, "quiet", False),
+                        ef_construction=getattr(args, "ef_construction", None))
     elif name == "milvus":
         opts = {"uri": args.milvus_uri, "collection": args.milvus_collection}
         if build:
@@ -78,18 +107,33 @@ def build_backend(store, args) -> tuple[object, float]:
 
 
 def engine_embed_fn(args):
-    """``embed_fn`` for :func:`cliplens.embed.index_labeled`: None (local) or the Ray engine's ``embed_into``."""
+    """``embed_fn`` for :func:`cliplens.embed.index_labeled` and :func:`cliplens.folder_index.index_folder`: None
+    (local) or the Ray engine's ``embed_into``. A ``ray://`` address is checked here (a TCP connect, seconds),
+    before any data or model is loaded."""
     if getattr(args, "engine", "local") != "ray":
         return None
-    from cliplens.distributed import RayEngine, RayOptions
+    from cliplens.distributed import RayEngine, RayOptions, check_ray_address
 
+    check_ray_address(args.ray_address)
     return RayEngine(RayOptions(address=args.ray_address, actors=args.ray_actors)).embed_into
 
 
-def describe_backend(store, args, index) -> str:
-    name = args.backend.lower()
+def backend_label(args, index) -> str:
+    """A short name for the backend ``open_backend`` returned, e.g. "faiss HNSW32 (efSearch 64)"."""
+    name = (getattr(args, "backend", None) or "exact").lower()
     if name == "faiss":
-        return f"FAISS {index.factory} ({index.paths[0]})"
+        knobs = ", ".join(f"{k} {v}" for k, v in (("efSearch", args.ef_search), ("nprobe", args.nprobe)) if v)
+        return f"faiss {index.factory}" + (f" ({knobs})" if knobs else "")
+    if name == "milvus":
+        return f"milvus {index.collection}"
+    return "exact"
+
+
+def describe_backend(store, args, index) -> str:
+    name = (args.backend or "exact").lower()
+    if name == "faiss":
+        ef = getattr(args, "ef_construction", None)
+        return f"FAISS {index.factory}{f' (efConstruction {ef})' if ef else ''} ({index.paths[0]})"
     if name == "milvus":
         return f"Milvus collection {index.collection} ({index.uri})"
     return "exact numpy index (nothing to build)"
@@ -113,6 +157,7 @@ def cmd_build_index(args) -> int:
     from cliplens.cli.core import default_index_dir
     from cliplens.store import IndexStore
 
+    check_build_flags(args)
     store = IndexStore.open(args.index_dir or default_index_dir())
     index, seconds = build_backend(store, args)
     print(f"built {describe_backend(store, args, index)} over {len(store)} vectors in {seconds:.1f} s")
@@ -124,9 +169,8 @@ def register(sub) -> None:
                        description="Build a vector index backend from an index folder's stored vectors, "
                                    "without re-embedding. Re-running it rebuilds (FAISS) or upserts (Milvus).")
     p.add_argument("--index-dir", type=Path, default=None, help="the index folder (default $CLIPLENS_HOME/indexes/...)")
-    p.add_argument("--train-size", type=_positive_int, default=None,
-                   help="FAISS: vectors sampled to train IVF/PQ (default 39 per list, at least 10000)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     add_backend_flags(p, default=None, required=True)
+    add_build_flags(p)
     p.set_defaults(handler=cmd_build_index)
 

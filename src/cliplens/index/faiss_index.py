@@ -74,13 +74,23 @@ class FaissIndex:
     def build(cls, store, *, factory: str = DEFAULT_FACTORY, name: str | None = None, train_size: int | None = None,
               ef_construction: int | None = None, seed: int = 0, progress: bool = True,
               **search_options) -> "FaissIndex":
-        """Train (on a seeded sample, where the index needs it), add every vector, save; returns the opened index."""
+        """Train (on a seeded sample, where the index needs it), add every vector, save; returns the opened index.
+
+        ``ef_construction`` (HNSW graphs only, the index's own or an IVF's HNSW quantizer): candidates explored per
+        insertion, set before any vector is added (FAISS's default is 40); saved in the index and its JSON.
+        """
         from tqdm import tqdm
 
         n, dim = len(store), store.dim
         index = _make(factory, dim)
         hnsw = _find_hnsw(index)
-        if ef_construction is not None and hnsw is not None:
+        if ef_construction is not None:
+            if hnsw is None:
+                raise BackendError(f"efConstruction applies to HNSW indexes, not {factory!r}: use an HNSW factory "
+                                   'string such as "HNSW32", or leave efConstruction out')
+            if isinstance(ef_construction, bool) or not isinstance(ef_construction, (int, np.integer)) \
+                    or ef_construction < 1:
+                raise BackendError(f"efConstruction must be a whole number >= 1, got {ef_construction!r}")
             hnsw.efConstruction = int(ef_construction)
         t0 = time.perf_counter()
         trained_on = 0
