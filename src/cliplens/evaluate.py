@@ -7,8 +7,13 @@ Everything here is numpy in, numbers out: the stored image embeddings are compar
 Variants: every template set asked for x class-name style (``english``/``raw``) x ensembling order
 (``normalize-first``/``average-first``) gets zero-shot top-1, top-5, mean per-class recall and the within-superclass
 error share. The confusion matrices and the per-class retrieval metrics are computed for each template set with the
-*primary* style and order (english, normalize-first when asked). Zero-shot predictions break exact ties towards the
-higher class index, the rule of ``metrics.topk_accuracy`` (and scikit-learn), so top-1 == mean(pred == label).
+*primary* style and order (english, normalize-first when asked). Class retrieval and the case studies rank the
+images through a vector index when one is given (``evaluate_index(..., index=...)``: a FAISS or Milvus backend), so
+their numbers are that backend's; with none, or an exact one, they are the exact rankings. Zero-shot
+classification compares each image with the classes, not a search of the index, and is always exact.
+
+Zero-shot predictions break exact ties towards the higher class index, the rule of ``metrics.topk_accuracy`` (and
+scikit-learn), so top-1 == mean(pred == label).
 """
 
 from __future__ import annotations
@@ -21,12 +26,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
 from cliplens import metrics as M
-from cliplens.errors import CliplensError
+from cliplens.errors import BackendError, CliplensError
 from cliplens.preprocess import INTERPOLATIONS, ClipPreprocessConfig, preprocess_batch
 from cliplens.prompts import PromptError, classnames, load_templates, match_class
 from cliplens.textcache import class_text_features
@@ -82,6 +87,7 @@ class EvalConfig:
     text_cache: bool = True
     text_cache_dir: Path | None = None
     progress: bool = False
+    retrieval_depth: int | None = None  # through a backend: hits asked per class query (None: every item, exact AP)
 
     def __post_init__(self) -> None:
         for name, given, allowed in (("class-name style", self.classname_styles, STYLES),
@@ -92,6 +98,9 @@ class EvalConfig:
             raise EvaluationError("no template sets asked for; use e.g. --templates single cifar100")
         if not self.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ks):
             raise EvaluationError(f"-k needs whole numbers >= 1, got {self.ks}")
+        depth = self.retrieval_depth
+        if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
+            raise EvaluationError(f"--retrieval-depth needs a whole number >= 1, got {depth!r}")
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,7 @@ class EvalReport:
     resolution: dict | None
     seconds: dict
     notes: tuple = field(default_factory=tuple)
+    retrieval_index: dict = field(default_factory=lambda: {"backend": "exact", "depth": None})
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -152,9 +162,23 @@ def zero_shot(image_emb: np.ndarray, class_emb: np.ndarray, labels: np.ndarray, 
 
 
 def class_retrieval(class_emb: np.ndarray, image_emb: np.ndarray, labels: np.ndarray, ks: Sequence[int],
-                    fine_to_coarse: np.ndarray | None) -> dict:
-    """Each class's prompt as a query over all images: per-class P@k, R-precision, AP; means; superclass FP shares."""
-    scores = class_emb @ image_emb.T
+                    fine_to_coarse: np.ndarray | None, *, index=None, depth: int | None = None) -> dict:
+    """Each class's prompt as a query over all images: per-class P@k, R-precision, AP; means; superclass FP shares.
+
+    With ``index`` (a backend over these images), the rankings are that index's top ``depth`` hits per class
+    (default: every item); items it does not return rank last, as not retrieved (see ``score_matrix``).
+    """
+    if index is None:
+        scores = class_emb @ image_emb.T
+    else:
+        from cliplens.index.backends import score_matrix
+
+        depth = depth or len(labels)
+        try:
+            scores = score_matrix(index, class_emb, len(labels), depth)
+        except BackendError as exc:  # e.g. Milvus's limit on hits per query
+            raise EvaluationError(f"{exc} (evaluate asked the backend for {depth} hits per class query: "
+                                  "lower it with --retrieval-depth)") from None
     per = M.retrieval_metrics(scores, labels, ks)
     valid = per["num_relevant"] > 0  # classes absent from the index are not queries
     summary = {"mAP": float(np.nanmean(per["ap"])) if valid.any() else None,
@@ -181,8 +205,13 @@ def _top_counts(values: np.ndarray, names: Sequence[str], f2c: np.ndarray | None
 
 
 def case_study(cs: CaseStudy, *, names: Sequence[str], single: np.ndarray, ensembled: np.ndarray, image_emb: np.ndarray,
-               labels: np.ndarray, pred: np.ndarray, fine_to_coarse: np.ndarray | None, probe_emb: np.ndarray) -> dict:
-    """One class under the microscope: precision with single and ensembled prompts, confusions, probe queries."""
+               labels: np.ndarray, pred: np.ndarray, fine_to_coarse: np.ndarray | None, probe_emb: np.ndarray,
+               rank: Callable[[np.ndarray, int], np.ndarray] | None = None) -> dict:
+    """One class under the microscope: precision with single and ensembled prompts, confusions, probe queries.
+
+    ``rank(query, k)`` returns the ids of the top ``k`` images (default: exact, over ``image_emb``); a backend may
+    return fewer, and precision@k still divides by k.
+    """
     c = match_class(cs.name, names)
     if c is None:
         return {"class": cs.name, "skipped": f"the index has no class named {cs.name!r}"}
@@ -190,11 +219,11 @@ def case_study(cs: CaseStudy, *, names: Sequence[str], single: np.ndarray, ensem
     k10, k100 = min(10, n), min(100, n)
 
     def ranked(query: np.ndarray, k: int) -> np.ndarray:
-        return M.topk_indices(image_emb @ query, k)
+        return M.topk_indices(image_emb @ query, k) if rank is None else np.asarray(rank(query, k), np.int64)
 
     def precisions(query: np.ndarray) -> dict:
         top = labels[ranked(query, k100)] == c
-        return {"precision@10": float(top[:k10].mean()), "precision@100": float(top.mean())}
+        return {"precision@10": float(top[:k10].sum() / k10), "precision@100": float(top.sum() / k100)}
 
     top100 = ranked(ensembled[c], k100)
     grid = top100[:min(GRID_SIZE, n)]
@@ -203,7 +232,8 @@ def case_study(cs: CaseStudy, *, names: Sequence[str], single: np.ndarray, ensem
     probes = []
     for text, vec in zip(cs.probes, probe_emb):
         top = labels[ranked(vec, k100)]
-        probes.append({"query": text, "precision@100": float(np.mean(top == c)), "precision@10": float(np.mean(top[:k10] == c)),
+        probes.append({"query": text, "precision@100": float(np.sum(top == c) / k100),
+                       "precision@10": float(np.sum(top[:k10] == c) / k10),
                        "top_classes": _top_counts(top, names, f2c, c, 3)})
     return {
         "class": names[c], "class_index": int(c), "num_images": int(np.sum(labels == c)), "k10": k10, "k100": k100,
@@ -243,8 +273,23 @@ def _labels_of(spec: str) -> str:
     return spec if spec in ("single", "cifar100", "imagenet80") else Path(spec).name
 
 
-def evaluate_index(store, encoder, config: EvalConfig = EvalConfig()) -> EvalReport:
-    """Run every evaluation of ``config`` on a labelled :class:`~cliplens.store.IndexStore`."""
+def _backend_ranker(index, n: int):
+    """``rank(query, k)`` through a backend: the ids it returns for one query (its -1 padding dropped)."""
+    def rank(query: np.ndarray, k: int) -> np.ndarray:
+        ids = index.search(np.asarray(query, np.float32)[None], min(int(k), n))[1][0]
+        return ids[ids >= 0]
+
+    return rank
+
+
+def evaluate_index(store, encoder, config: EvalConfig = EvalConfig(), *, index=None,
+                   index_label: str | None = None) -> EvalReport:
+    """Run every evaluation of ``config`` on a labelled :class:`~cliplens.store.IndexStore`.
+
+    ``index``: a vector index backend over ``store`` (``cliplens.index.open_index``) through which class retrieval
+    and the case studies rank the images, ``config.retrieval_depth`` hits per query; ``index_label`` names it in
+    the report. None: the exact rankings.
+    """
     if not store.has_labels:
         raise EvaluationError(f"index at {store.root} has no labels: evaluate needs a labelled index (cifar100, cifar10)")
     store.check_model(encoder.info)
@@ -278,6 +323,12 @@ def evaluate_index(store, encoder, config: EvalConfig = EvalConfig()) -> EvalRep
     notes = []
     if not all(f.raw for f in feats.values()):
         notes.append("the encoder gives only unit text vectors, so average-first equals normalize-first")
+    depth = min(config.retrieval_depth or len(labels), len(labels))
+    rank = _backend_ranker(index, len(labels)) if index is not None else None
+    label = (index_label or type(index).__name__) if index is not None else "exact"
+    if index is not None:
+        notes.append(f"class retrieval and case studies ranked by {label}: top {depth} of {len(labels)} images per "
+                     "query" + ("" if depth == len(labels) else "; images beyond that count as not retrieved"))
 
     t1 = time.perf_counter()
     rows, per_template, preds = [], {}, {}
@@ -294,7 +345,8 @@ def evaluate_index(store, encoder, config: EvalConfig = EvalConfig()) -> EvalRep
             "confusion": cm,
             "superclass_confusion": M.coarse_confusion(cm, f2c, len(sup)) if f2c is not None else None,
             "per_class_recall": M.per_class_recall(preds[lab], labels, len(names)),
-            "retrieval": class_retrieval(feats[lab, style].classifier(order), emb, labels, config.ks, f2c),
+            "retrieval": class_retrieval(feats[lab, style].classifier(order), emb, labels, config.ks, f2c,
+                                         index=index, depth=depth),
         }
     times["zero_shot_and_retrieval"] = time.perf_counter() - t1
 
@@ -307,7 +359,7 @@ def evaluate_index(store, encoder, config: EvalConfig = EvalConfig()) -> EvalRep
         wanted = cs.probes and match_class(cs.name, names) is not None
         probe_emb = encoder.encode_texts(list(cs.probes)) if wanted else np.zeros((0, emb.shape[1]), np.float32)
         cases.append(case_study(cs, names=names, single=single_emb, ensembled=ens_emb, image_emb=emb, labels=labels,
-                                pred=ens_pred, fine_to_coarse=f2c, probe_emb=probe_emb))
+                                pred=ens_pred, fine_to_coarse=f2c, probe_emb=probe_emb, rank=rank))
     times["case_studies"] = time.perf_counter() - t2
 
     resolution = None
@@ -329,4 +381,5 @@ def evaluate_index(store, encoder, config: EvalConfig = EvalConfig()) -> EvalRep
         primary={"templates": primary_set, "classnames": style, "ensemble": order, "case_study_ensemble": ens_set},
         zero_shot=tuple(rows), per_template=per_template, case_studies=tuple(cases), resolution=resolution,
         seconds={k: round(v, 3) for k, v in times.items()}, notes=tuple(notes),
+        retrieval_index={"backend": label, "depth": depth if index is not None else None},
     )

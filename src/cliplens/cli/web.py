@@ -13,8 +13,11 @@ log = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- index FOLDER
 
 
-def cmd_index_folder(args) -> int:
-    """``cliplens index PATH`` when PATH is a folder: incremental, prints one summary line."""
+def cmd_index_folder(args, *, embed_fn=None) -> int:
+    """``cliplens index PATH`` when PATH is a folder: incremental, prints one summary line.
+
+    ``embed_fn``: the engine that embeds new and changed images (None: local; see ``cli.scale.engine_embed_fn``).
+    """
     from cliplens.cli.core import default_index_dir, load_model
     from cliplens.folder_index import FolderIndexOptions, index_folder
 
@@ -25,7 +28,7 @@ def cmd_index_folder(args) -> int:
     options = FolderIndexOptions(exclude=tuple(args.exclude), include_hidden=args.include_hidden,
                                  max_megapixels=args.max_megapixels, batch_size=args.batch_size, dtype=args.dtype,
                                  progress=not args.quiet)
-    summary = index_folder(root, load_model(args), index_dir, options=options)
+    summary = index_folder(root, load_model(args), index_dir, options=options, embed_fn=embed_fn)
     print(f"{root}: {summary.line()}")
     return 0
 
@@ -45,21 +48,30 @@ def _unique_names(dirs: list[Path]) -> list[str]:
 
 
 def build_searchers(args) -> dict:
-    """Open every ``--index-dir``; load each distinct model once, shared by the indexes built with it."""
+    """Open every ``--index-dir``; load each distinct model once, shared by the indexes built with it.
+
+    ``--backend`` (default exact) opens that backend over each index (a FAISS index built beside each, or one
+    Milvus collection per index folder unless ``--milvus-collection`` names one for a single index).
+    """
     from cliplens.cli.core import default_index_dir, load_model
+    from cliplens.cli.scale import open_backend
     from cliplens.search import Searcher
     from cliplens.store import IndexStore
 
     dirs = [Path(d).expanduser() for d in (args.index_dir or [default_index_dir()])]
     stores = [IndexStore.open(d) for d in dirs]
+    if getattr(args, "milvus_collection", None) and len(stores) > 1:
+        raise CliplensError("--milvus-collection names one collection, but several --index-dir are served: "
+                            "leave it out (each index then uses cliplens_<its folder name>)")
+    indexes = [open_backend(store, args) for store in stores]  # a backend that is missing fails before any model loads
     encoders: dict[tuple, object] = {}
     searchers = {}
-    for name, store in zip(_unique_names(dirs), stores):
+    for name, store, index in zip(_unique_names(dirs), stores, indexes):
         m = store.manifest["model"]
         key = (m["name"], m.get("weights_sha256"), args.model, args.pretrained, str(args.weights))
         if key not in encoders:
             encoders[key] = load_model(args, store.manifest)
-        searchers[name] = Searcher(encoder=encoders[key], store=store)
+        searchers[name] = Searcher(encoder=encoders[key], store=store, index=index)
     return searchers
 
 
@@ -86,6 +98,7 @@ def cmd_serve(args) -> int:
 
 def register(sub) -> None:
     from cliplens.cli.core import add_model_flags
+    from cliplens.cli.scale import add_backend_flags
 
     p = sub.add_parser("serve", help="web page + JSON API over one or more indexes",
                        description="Serve indexes over HTTP: a search page at / and a JSON API under /api "
@@ -95,4 +108,5 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     add_model_flags(p, for_query=True)
+    add_backend_flags(p)
     p.set_defaults(handler=cmd_serve)

@@ -156,6 +156,20 @@ def rescore(queries: np.ndarray, candidates: np.ndarray, embeddings: np.ndarray,
     return out_scores[:, :width], out_ids[:, :width]
 
 
+def score_matrix(index, queries: np.ndarray, n: int, depth: int) -> np.ndarray:
+    """(Q, n) float32 scores of every item for each query *as ``index`` ranks them*: its top ``depth`` hits at their
+    (cosine) scores, every item it did not return at -inf, i.e. ranked last, as one tie: not retrieved.
+
+    With an exact backend and ``depth >= n`` this is the full similarity matrix, so metrics computed from it are
+    the exact ones; with an approximate backend (or a smaller depth) they are what that backend retrieves.
+    """
+    scores, ids = index.search(queries, int(depth))
+    out = np.full((len(ids), n), -np.inf, dtype=np.float32)
+    rows, cols = np.nonzero(ids >= 0)
+    out[rows, ids[rows, cols]] = scores[rows, cols]
+    return out
+
+
 def label_mask(store, *, labels=None, superclasses=None) -> np.ndarray:
     """bool (N,) mask of items whose label (or superclass) is one of the given ids or names."""
     mask = np.ones(len(store), dtype=bool)
