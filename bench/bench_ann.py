@@ -2,6 +2,7 @@
 
     python bench/bench_ann.py [--sizes 10000,100000,1000000] [--dim 512] [--queries 200]
                               [--cifar b32|tiny|none] [--milvus-max 100000] [--work DIR] [--out bench/results]
+                              [--backends flat,hnsw,ivfpq,milvus] [--name ann] [--progress]
 
 Data: random unit vectors (seeded; queries drawn independently from the same distribution, the hardest case
 for approximate search because nothing is clustered), clustered synthetic unit vectors (``--clustered-sizes``:
@@ -20,7 +21,14 @@ saturates), IVF-PQ (``IVF{nlist},PQ{m}``, nprobe 8/32, plus nprobe 32/64/128 wit
 candidates re-ranked), Milvus Lite
 (FLAT, up to ``--milvus-max`` vectors: its bulk insert runs at a few thousand vectors per second here).
 
-Writes ``<out>/ann.json`` (every row and the machine) and ``<out>/ann.md`` (the tables).
+``--backends`` picks which of them run beside exact numpy (always there: it is the oracle and the baseline), e.g.
+``--sizes '' --clustered-sizes 1000000 --cifar none --backends milvus --milvus-max 1000000 --name ann.milvus1m``
+for Milvus Lite alone at 1M. Memory: besides the peak RSS growth while building (which counts the store's pages a
+build reads through its memory map), a sampler records the peak *anonymous* memory (``RssAnon``: heap, not
+file pages) while building and while querying, which is what an in-process backend itself holds (Milvus Lite 3
+runs inside this process, as Python threads).
+
+Writes ``<out>/<name>.json`` (every row and the machine) and ``<out>/<name>.md`` (the tables); ``--name`` ann.
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ import platform
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -59,6 +68,28 @@ def reset_peak() -> None:
         Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
     except OSError:
         pass
+
+
+class AnonPeak:
+    """Peak ``RssAnon`` (MB) of this process while the ``with`` block runs, sampled every ``every`` seconds."""
+
+    def __init__(self, every: float = 0.2):
+        self.every, self.peak, self._stop = every, rss_mb("RssAnon"), threading.Event()
+
+    def __enter__(self) -> "AnonPeak":
+        self.start = self.peak = rss_mb("RssAnon")
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self.peak = max(self.peak, rss_mb("RssAnon"))
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, rss_mb("RssAnon"))
 
 
 def dir_mb(path: Path) -> float:
@@ -174,9 +205,12 @@ def bench_store(name: str, store, queries: np.ndarray, args) -> list[dict]:
 
     configs: list[dict] = []  # {backend, setting, search, build_s, size_mb, build_peak_mb}
 
-    def add(backend, setting, search, *, build_s=None, size_mb=None, build_peak_mb=None):
+    def add(backend, setting, search, *, build_s=None, size_mb=None, build_peak_mb=None, anon=None):
         configs.append({"backend": backend, "setting": setting, "search": search, "build_s": build_s,
-                        "size_mb": size_mb, "build_peak_mb": build_peak_mb})
+                        "size_mb": size_mb, "build_peak_mb": build_peak_mb, "anon": anon})
+
+    wanted = set(args.backends)
+    anon: dict[str, dict] = {}  # backend setting -> anonymous memory figures (MB)
 
     def build(backend, **options):
         if args.reuse and backend == "faiss":  # a FAISS index saved by an earlier run over this same store
@@ -191,18 +225,24 @@ def bench_store(name: str, store, queries: np.ndarray, args) -> list[dict]:
         reset_peak()
         before = rss_mb()
         t0 = time.perf_counter()
-        index = build_index(store, backend, progress=False, **options)
+        with AnonPeak() as sampler:
+            index = build_index(store, backend, progress=args.progress, **options)
         seconds = time.perf_counter() - t0
         peak = rss_mb("VmHWM") - before
-        print(f"  built {backend} {options.get('factory', '')} in {seconds:.1f} s", flush=True)
+        anon[options.get("factory", backend)] = {"build_peak_anon_mb": round(sampler.peak - sampler.start),
+                                                 "after_build_anon_mb": round(rss_mb("RssAnon") - sampler.start)}
+        print(f"  built {backend} {options.get('factory', '')} in {seconds:.1f} s (peak RSS growth {peak:.0f} MB, "
+              f"anonymous {sampler.peak - sampler.start:.0f} MB)", flush=True)
         return index, seconds, peak
 
     add("exact", "numpy (memory-mapped store)", lambda q: exact.search(q, K), size_mb=store.embeddings.nbytes / 2**20)
-    flat, secs, peak = build("faiss", factory="Flat")
-    add("faiss", "Flat", lambda q: flat.search(q, K), build_s=secs, size_mb=flat.paths[0].stat().st_size / 2**20,
-        build_peak_mb=peak)
-    files = [store.root / "embeddings.npy", flat.paths[0]]
-    if n <= args.hnsw_max:
+    files = [store.root / "embeddings.npy"]
+    if "flat" in wanted:
+        flat, secs, peak = build("faiss", factory="Flat")
+        add("faiss", "Flat", lambda q: flat.search(q, K), build_s=secs, size_mb=flat.paths[0].stat().st_size / 2**20,
+            build_peak_mb=peak)
+        files.append(flat.paths[0])
+    if "hnsw" in wanted and n <= args.hnsw_max:
         hnsw, secs, peak = build("faiss", factory="HNSW32")
         files.append(hnsw.paths[0])
         for ef in (16, 64, 128, 256, 512):
@@ -213,9 +253,10 @@ def bench_store(name: str, store, queries: np.ndarray, args) -> list[dict]:
     nlist = args.nlist or max(64, min(4096, 1 << int(round(np.log2(4 * np.sqrt(n))))))
     m = 64 if dim % 64 == 0 and dim >= 128 else max(d for d in (32, 16, 8, 4) if dim % d == 0)
     factory = f"IVF{nlist},PQ{m}"
-    ivf, secs, peak = build("faiss", factory=factory)
-    files.append(ivf.paths[0])
-    for nprobe, k_factor in ((8, 1), (32, 1), (32, 10), (32, 30), (64, 10), (128, 10)):
+    if "ivfpq" in wanted:
+        ivf, secs, peak = build("faiss", factory=factory)
+        files.append(ivf.paths[0])
+    for nprobe, k_factor in ((8, 1), (32, 1), (32, 10), (32, 30), (64, 10), (128, 10)) if "ivfpq" in wanted else ():
         first = nprobe == 8
 
         def search(q, nprobe=nprobe, k_factor=k_factor):
@@ -226,17 +267,25 @@ def bench_store(name: str, store, queries: np.ndarray, args) -> list[dict]:
             build_s=secs if first else None, size_mb=ivf.paths[0].stat().st_size / 2**20 if first else None,
             build_peak_mb=peak if first else None)
     milvus = None
-    if n <= args.milvus_max:
+    if "milvus" not in wanted:
+        pass
+    elif n <= args.milvus_max:
         shutil.rmtree(store.root / "milvus", ignore_errors=True)
         milvus, secs, peak = build("milvus", batch_size=5000)
         add("milvus-lite", "FLAT", lambda q: milvus.search(q, K), build_s=secs, size_mb=dir_mb(store.root / "milvus"),
-            build_peak_mb=peak)
+            build_peak_mb=peak, anon=anon["milvus"])
     else:
         print(f"  milvus-lite  skipped at n={n} (--milvus-max {args.milvus_max})", flush=True)
 
     warm(*files)  # steady state: memory-mapped files in the page cache
     load = os.getloadavg()[0]
-    all_times, all_ids = interleaved([c["search"] for c in configs], queries)
+    t0 = time.perf_counter()
+    with AnonPeak() as sampler:
+        all_times, all_ids = interleaved([c["search"] for c in configs], queries)
+    print(f"  {len(queries)} queries x {len(configs)} backends in {time.perf_counter() - t0:.0f} s", flush=True)
+    for c in configs:
+        if c["anon"] is not None:  # what the process held while querying, over its level before that backend's build
+            c["anon"]["query_peak_anon_mb"] = round(c["anon"]["after_build_anon_mb"] + sampler.peak - sampler.start)
     if milvus is not None:
         milvus.close()
     rows: list[dict] = []
@@ -246,7 +295,7 @@ def bench_store(name: str, store, queries: np.ndarray, args) -> list[dict]:
                "p99_ms": round(pct(times, 99), 3), "build_s": None if c["build_s"] is None else round(c["build_s"], 2),
                "size_mb": None if c["size_mb"] is None else round(c["size_mb"], 1),
                "build_peak_rss_mb": None if c["build_peak_mb"] is None else round(c["build_peak_mb"]),
-               "load_average": round(load, 2)}
+               "load_average": round(load, 2), **(c["anon"] or {})}
         rows.append(row)
         print(f"  {row['backend']:<12} {row['setting']:<34} recall@10 {row['recall@10']:.3f}  "
               f"p50 {row['p50_ms']:9.3f} ms"
@@ -281,6 +330,12 @@ def markdown(result: dict) -> str:
                          f"{r['p99_ms']:.3f} | {base / r['p50_ms']:.1f}x | {cell(r['build_s'])} | "
                          f"{cell(r['size_mb'])} | {cell(r['build_peak_rss_mb'])} |")
         lines.append("")
+        for r in rows:
+            if "build_peak_anon_mb" in r:
+                lines += [f"{r['backend']} {r['setting']}, anonymous memory of this process (RssAnon, heap not file "
+                          f"pages; over its level before the build): peak {r['build_peak_anon_mb']:,} MB while "
+                          f"building, {r['after_build_anon_mb']:,} MB held after it, peak "
+                          f"{r.get('query_peak_anon_mb', 0):,} MB while querying.", ""]
     if result.get("reused"):
         lines += ["FAISS indexes were opened from an earlier run's --work folder (--reuse): their build time and peak "
                   "are the ones measured when that run built them, on this machine with this code; every query "
@@ -321,15 +376,24 @@ def main() -> None:
     p.add_argument("--work", type=Path, default=None, help="where stores are written (kept for reruns)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     p.add_argument("--append", action="store_true", help="keep the other data sets' rows already in <out>/ann.json")
+    p.add_argument("--backends", default="flat,hnsw,ivfpq,milvus",
+                   help="which to run beside exact numpy, comma-separated: flat, hnsw, ivfpq, milvus")
+    p.add_argument("--name", default="ann", help="output file stem: <out>/<name>.json and .md (default ann)")
+    p.add_argument("--progress", action="store_true", help="progress bars while building")
     p.add_argument("--reuse", action="store_true", help="open FAISS indexes an earlier run saved in --work (their "
                    "build time is the one recorded then) instead of building them again")
     args = p.parse_args()
+    args.backends = [b.strip().lower() for b in args.backends.split(",") if b.strip()]
+    unknown = set(args.backends) - {"flat", "hnsw", "ivfpq", "milvus"}
+    if unknown:
+        p.error(f"unknown --backends {', '.join(sorted(unknown))}: use flat, hnsw, ivfpq, milvus")
 
     work = args.work or Path(tempfile.mkdtemp(prefix="cliplens-ann-"))
     work.mkdir(parents=True, exist_ok=True)
     command = "python bench/bench_ann.py " + " ".join(sys.argv[1:])
     result = {"command": command, "queries": args.queries, "rows": [], "skipped": [], "reused": args.reuse}
-    previous = json.loads((args.out / "ann.json").read_text()) if (args.out / "ann.json").is_file() else None
+    out_json, out_md = args.out / f"{args.name}.json", args.out / f"{args.name}.md"
+    previous = json.loads(out_json.read_text()) if out_json.is_file() else None
     earlier = previous if args.append else None
     args.previous = previous["rows"] if previous else []
     stores = []
@@ -357,15 +421,15 @@ def main() -> None:
             result["skipped"] = earlier.get("skipped", [])
             result["command"] = f"{earlier['command']}; then {command}"
         result["rows"] = [r for r in result["rows"] if r["dataset"] != name] + bench_store(name, store, queries, args)
-        if len(store) > args.milvus_max:
+        if len(store) > args.milvus_max and "milvus" in args.backends:
             result["skipped"].append(f"Milvus Lite at {len(store):,} vectors (bulk insert time; --milvus-max)")
-        if len(store) > args.hnsw_max:
+        if len(store) > args.hnsw_max and "hnsw" in args.backends:
             result["skipped"].append(f"HNSW32 at {len(store):,} vectors (--hnsw-max)")
         result["machine"]["load_end"] = os.getloadavg()[0]
         args.out.mkdir(parents=True, exist_ok=True)  # written after every data set: a long run keeps what it did
-        (args.out / "ann.json").write_text(json.dumps(result, indent=2) + "\n")
-        (args.out / "ann.md").write_text(markdown(result) + "\n")
-    print(f"wrote {args.out / 'ann.json'} and {args.out / 'ann.md'}")
+        out_json.write_text(json.dumps(result, indent=2) + "\n")
+        out_md.write_text(markdown(result) + "\n")
+    print(f"wrote {out_json} and {out_md}")
     if args.work is None:
         shutil.rmtree(work, ignore_errors=True)
 
