@@ -24,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -310,6 +311,15 @@ def _valid_shard(folder: Path, i: int, rows: int, dim: int) -> bool:
     return arr.shape == (rows, dim) and arr.dtype == np.float32
 
 
+_RAISED = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Interrupt)): (.+)$")  # "pkg.SomeError: message"
+
+
 def _first_line(exc: BaseException) -> str:
+    """The reason of a failure in one line. Ray wraps a worker's exception in traceback text whose last lines are
+    its own advice; the worker's "pkg.SomeError: message" line, the first one not from Ray, is the reason."""
     text = str(exc).strip()
+    for line in text.splitlines():
+        raised = _RAISED.match(line.strip())
+        if raised and not raised.group(1).startswith("ray."):
+            return f"{raised.group(1).rsplit('.', 1)[-1]}: {raised.group(2)}"[:400]
     return (text.splitlines()[-1] if text else type(exc).__name__)[:200]

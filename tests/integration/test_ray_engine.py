@@ -105,6 +105,7 @@ def test_failed_run_keeps_finished_shards_and_resumes(tiny_index, tiny_encoder, 
     with pytest.raises(EngineError, match="finished shards are kept") as info:
         _embed(source, tiny_encoder, tmp_path / "idx", identity_of=reference)
     assert "\n" not in str(info.value)
+    assert "(OSError: simulated read error at row 195)" in str(info.value)  # the worker's reason, not Ray's advice
     kept = sorted(p.name for p in (tmp_path / "idx" / SHARDS).glob("shard-*.npy"))
     assert kept and "shard-000003.npy" not in kept  # shards 0..2 finish before the last one fails
     with pytest.raises(Exception):
@@ -173,3 +174,16 @@ def test_cli_folder_engine_ray_equals_local_and_stays_incremental(tiny_model, tm
     _same_folder_index(remote, local)
     assert runs[-1][0] == 2  # only new.png and the changed e.bmp were embedded, on Ray
     assert not (remote / "pending").exists()
+
+
+def test_folder_missing_on_a_worker_fails_with_one_line(tiny_encoder, tmp_path):
+    """A worker that cannot see the folder (a cluster node without the shared filesystem) says so, in one line."""
+    from cliplens.datasets.folder import FolderSource
+
+    missing = tmp_path / "only-on-the-driver"
+    source = FolderSource(missing, ["a.png", "b.png"], max_pixels=10**8)
+    writer = IndexWriter(root=tmp_path / "pending", identity={"source": "folder-pending", "count": 2,
+                                                              "dtype": "float32"}, dim=tiny_encoder.info.embed_dim)
+    with pytest.raises(EngineError, match=f"the image folder {missing} is not readable on") as info:
+        RayEngine(RayOptions(max_retries=0)).embed_into(source, tiny_encoder, writer, batch_size=2, progress=False)
+    assert "\n" not in str(info.value) and "same path" in str(info.value)

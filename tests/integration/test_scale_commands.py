@@ -122,6 +122,9 @@ def test_cli_evaluate_with_backend(index_dir, tmp_path, capsys):
     assert metrics["flat"]["per_template"] == metrics["exact"]["per_template"]
     assert metrics["flat"]["retrieval_index"] == {"backend": "faiss Flat", "depth": 200}
     assert metrics["flat"]["case_studies"] == metrics["exact"]["case_studies"]
+    for page in ("report.md", "report.html"):  # the report says which backend ranked
+        assert "ranked by faiss Flat: top 200 of 200" in (tmp_path / "flat" / page).read_text()
+        assert "ranked by" not in (tmp_path / "exact" / page).read_text()
 
     for flags, message in ((["--backend", "annoy"], "unknown index backend 'annoy': use one of exact, faiss, milvus"),
                            (["--backend", "faiss", "--faiss-index", "IVF2,Flat"], "no FAISS IVF2,Flat index"),
