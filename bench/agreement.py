@@ -78,8 +78,10 @@ def run(*, reference, encoders: dict, n: int, command: str) -> Report:
         overlap = top10_overlap(emb, embs["exact"], queries)
         image_overlap = top10_overlap(emb, embs["exact"], image_queries)
         ties = near_tie_share(emb, embs["exact"], queries)
+        shared = int(np.rint(overlap * 10).sum())  # items shared, counted: 228 of 240 is 0.95, not 0.9499999999999998
         meets = ("cos >= 0.99999" if cos.min() >= 0.99999 else
-                 "mean cos >= 0.999, top-10 >= 0.95" if cos.mean() >= 0.999 and overlap.mean() >= 0.95 else "NO")
+                 "mean cos >= 0.999, top-10 >= 0.95" if cos.mean() >= 0.999 and shared * 100 >= 95 * 10 * len(overlap)
+                 else "NO")
         rows.append([name, encoders[name].info.precision, f"{cos.mean():.7f}", f"{cos.min():.7f}",
                      f"{overlap.mean():.3f} (min {overlap.min():.1f})", f"{ties:.0%}",
                      f"{image_overlap.mean():.3f} (min {image_overlap.min():.1f})", meets])
