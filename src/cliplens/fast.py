@@ -14,7 +14,9 @@ order ``auto`` tries them (:data:`AUTO_ORDER`):
 - ``onnx-fp32`` (never picked by ``auto``): the ONNX graph unquantised, for comparison.
 
 Text tower: stays fp32, but runs in ONNX Runtime where it is installed (:func:`accelerate_text`): for
-the few rows of a query, its matrix products stream prepacked weights about twice as fast as torch's.
+the few rows of a query, its matrix products stream prepacked weights about twice as fast as torch's, and
+the keys and values of the prompt's known beginning ("a photo of a") are kept, so only the tokens after it
+run. ``cliplens serve`` does the same in exact mode (``Encoder.speed_up_text``).
 
 ONNX exports are cached on disk, keyed by the weights' sha256 and the library versions. On a GPU
 ``fast`` changes nothing: the encoder already runs fp16 autocast there. The image backend replaces
@@ -31,6 +33,7 @@ import hashlib
 import logging
 import tempfile
 import warnings
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -224,34 +227,68 @@ class OrtVisual(torch.nn.Module):
 # --------------------------------------------------------------------------- text tower
 
 
-class TextPrefix(torch.nn.Module):
-    """CLIP's text tower on a token prefix (N, L) -> features (N, D), as ``Encoder._encode_tokens`` computes it.
+class TextSuffix(torch.nn.Module):
+    """CLIP's text tower on the tokens that follow a known prefix -> features (N, D) at each row's end-of-text.
 
-    The attention is written out (causal ``scaled_dot_product_attention`` on the same weights), because the
-    traced graph of ``nn.MultiheadAttention`` fixes the sequence length, and here L changes with every query.
+    Inputs: ``tokens`` (N, L) ids after the prefix (end-of-text among them), ``positions`` (L,) their positions
+    (P..P+L-1), ``attn_mask`` (L, P+L) additive (0 where a token may look, -inf after it: causal), and the
+    prefix's keys and values per layer, ``past_k``/``past_v`` (layers, heads, P, head_dim), shared by every row.
+    With P = 0 (empty keys and values) it is the whole tower on the tokens, as ``Encoder._encode_tokens``
+    computes it. The attention is written out (``scaled_dot_product_attention`` on the same weights) because
+    the traced graph of ``nn.MultiheadAttention`` fixes the sequence length, and here L and P change.
     """
 
     def __init__(self, model):
         super().__init__()
         self.model = model
 
-    def forward(self, tokens):
+    def forward(self, tokens, positions, attn_mask, past_k, past_v):
         m = self.model
-        x = m.token_embedding(tokens) + m.positional_embedding[: tokens.shape[1]]
-        for block in m.transformer.resblocks:
+        x = m.token_embedding(tokens) + m.positional_embedding[positions]
+        n = tokens.shape[0]
+        for i, block in enumerate(m.transformer.resblocks):
             attn = block.attn
             q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-            n = q.shape[0]
             q, k, v = (t.reshape(n, -1, attn.num_heads, attn.head_dim).transpose(1, 2) for t in (q, k, v))
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(n, -1, attn.embed_dim)
-            x = x + block.ls_1(attn.out_proj(out))
+            k = torch.cat([past_k[i].unsqueeze(0).expand(n, -1, -1, -1), k], dim=2)
+            v = torch.cat([past_v[i].unsqueeze(0).expand(n, -1, -1, -1), v], dim=2)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+            x = x + block.ls_1(attn.out_proj(out.transpose(1, 2).reshape(n, -1, attn.embed_dim)))
             x = x + block.ls_2(block.mlp(block.ln_2(x)))
-        x = m.ln_final(x)[torch.arange(tokens.shape[0]), tokens.argmax(dim=-1)]  # pooled at end-of-text
+        x = m.ln_final(x)[torch.arange(n), tokens.argmax(dim=-1)]  # pooled at end-of-text
         return m.text_projection(x) if hasattr(m.text_projection, "weight") else x @ m.text_projection
 
 
+def prefix_keys_values(model, ids) -> tuple[np.ndarray, np.ndarray]:
+    """Keys and values (layers, heads, P, head_dim) of a token prefix (P,) in every layer of the text tower.
+
+    The causal mask means no later token changes them, so they are computed once per prefix (fp32, torch).
+    """
+    m = model
+    ids = torch.as_tensor(ids, dtype=torch.long)[None]
+    with torch.inference_mode():
+        x = m.token_embedding(ids) + m.positional_embedding[: ids.shape[1]]
+        keys, values = [], []
+        for block in m.transformer.resblocks:
+            attn = block.attn
+            q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+            q, k, v = (t.reshape(1, -1, attn.num_heads, attn.head_dim).transpose(1, 2) for t in (q, k, v))
+            keys.append(k[0])
+            values.append(v[0])
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            x = x + block.ls_1(attn.out_proj(out.transpose(1, 2).reshape(1, -1, attn.embed_dim)))
+            x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    return torch.stack(keys).float().numpy(), torch.stack(values).float().numpy()
+
+
+def _causal_mask(past: int, length: int) -> np.ndarray:
+    mask = np.zeros((length, past + length), np.float32)
+    mask[:, past:][np.triu_indices(length, 1)] = -np.inf
+    return mask
+
+
 def text_supported(model) -> bool:
-    """True for open_clip's own CLIP text tower (causal, batch-first, argmax pooling), which TextPrefix mirrors."""
+    """True for open_clip's own CLIP text tower (causal, batch-first, argmax pooling), which TextSuffix mirrors."""
     blocks = getattr(getattr(model, "transformer", None), "resblocks", None)
     return (hasattr(model, "token_embedding") and getattr(model, "text_pool_type", None) == "argmax"
             and getattr(model, "attn_mask", None) is not None and blocks is not None
@@ -260,9 +297,15 @@ def text_supported(model) -> bool:
 
 
 class OrtText:
-    """The text prefix in ONNX Runtime, fp32: small-batch matrix products there stream prepacked weights."""
+    """The text tower in ONNX Runtime, fp32, with the keys and values of known prompt prefixes kept.
 
-    def __init__(self, model_bytes: bytes, *, threads: int | None = None):
+    Small-batch matrix products there stream prepacked weights about twice as fast as torch. When every row of a
+    batch starts with a prefix added by :meth:`add_prefix` (the tokens of "a photo of a", say), only the tokens
+    after it are run, against the prefix's stored keys and values: exact, as attention is causal (ViT-B/32,
+    "a photo of a tractor.": 3 tokens instead of 8, 6.9 vs 9.2 ms on two threads). Otherwise the whole row runs.
+    """
+
+    def __init__(self, model_bytes: bytes, model, *, threads: int | None = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
@@ -271,35 +314,80 @@ class OrtText:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")  # idle threads sleep
         self.session = ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
+        self.model = model  # the torch tower, for the prefixes' keys and values
+        blocks = model.transformer.resblocks
+        attn = blocks[0].attn
+        self._empty = np.zeros((len(blocks), attn.num_heads, 0, attn.head_dim), np.float32)
+        self.prefixes: dict[tuple[int, ...], tuple[np.ndarray, np.ndarray]] = {}
+
+    def add_prefix(self, ids) -> None:
+        """Keep the keys and values of a token prefix: start-of-text and the tokens after it, no end-of-text."""
+        key = tuple(int(i) for i in ids)
+        if key and key not in self.prefixes:
+            self.prefixes[key] = prefix_keys_values(self.model, key)
+
+    def _shared_prefix(self, ids: np.ndarray) -> tuple[int, ...]:
+        """The longest kept prefix that every row starts with and that ends before every row's end-of-text."""
+        ends = ids.argmax(axis=1)
+        for key in sorted(self.prefixes, key=len, reverse=True):
+            p = len(key)
+            if p <= ends.min() and (ids[:, :p] == np.asarray(key)).all():
+                return key
+        return ()
 
     def __call__(self, tokens):
         ids = np.ascontiguousarray(tokens.detach().cpu().numpy(), dtype=np.int64)
-        return torch.from_numpy(self.session.run(None, {"input0": ids})[0])
+        key = self._shared_prefix(ids)
+        past_k, past_v = self.prefixes[key] if key else (self._empty, self._empty)
+        p, rest = len(key), ids[:, len(key):]
+        feeds = {"input0": rest, "input1": np.arange(p, p + rest.shape[1], dtype=np.int64),
+                 "input2": _causal_mask(p, rest.shape[1]), "input3": past_k, "input4": past_v}
+        return torch.from_numpy(self.session.run(None, feeds)[0])
 
 
-def accelerate_text(encoder, *, cache_dir: str | Path | None = None, tolerance: float = 1e-4) -> bool:
-    """Run ``encoder``'s text prefix in ONNX Runtime (fp32) when possible; True when it now does.
+def _prefix_ids(tokenizer, text: str) -> tuple[int, ...]:
+    """Token ids of ``text`` as the start of a longer prompt: start-of-text and its tokens, without end-of-text."""
+    ids = tokenizer([text])[0]
+    return tuple(int(i) for i in ids[: int(ids.argmax())])
 
-    Checked on the spot against the torch path (largest difference relative to the largest value, which is
-    ~1e-6 for ViT-B/32); anything further off is refused with a warning and the torch path kept.
+
+def accelerate_text(encoder, *, cache_dir: str | Path | None = None, tolerance: float = 1e-4,
+                    prefixes: Sequence[str] = ("a photo of a",)) -> bool:
+    """Run ``encoder``'s text tower in ONNX Runtime (fp32) when possible; True when it now does.
+
+    ``prefixes``: prompt beginnings whose keys and values are kept (default: the ``single`` template's).
+    Checked on the spot against the torch path, with and without a kept prefix (largest difference relative
+    to the largest value, ~1e-6 for ViT-B/32); anything further off is refused with a warning and the torch
+    path kept.
     """
     model = encoder.model
     if not (onnxruntime_available() and str(encoder.device).startswith("cpu") and text_supported(model)):
         return False
-    probe = encoder.tokenizer(["a photo of a tractor.", "a tulip"])
+    probe = encoder.tokenizer(["a photo of a tractor.", "a photo of a tulip in a field"])
     probe = probe[:, : int(probe.argmax(dim=-1).max()) + 1]
+    head = _prefix_ids(encoder.tokenizer, "a photo of a")
     try:
-        data = onnx_model_bytes(TextPrefix(model).eval(), (probe,),
-                                dynamic_axes={"input0": {0: "batch", 1: "length"}, "features": {0: "batch"}},
-                                cache=_cache_path(cache_dir, encoder.info.name, encoder.info.weights_sha256, "text"))
-        runner = OrtText(data)
+        past = prefix_keys_values(model, head[:2])
+        rest = probe[:, 2:]
+        example = (rest, torch.arange(2, 2 + rest.shape[1]), torch.from_numpy(_causal_mask(2, rest.shape[1])),
+                   torch.from_numpy(past[0]), torch.from_numpy(past[1]))
+        axes = {"input0": {0: "batch", 1: "length"}, "input1": {0: "length"}, "input2": {0: "length", 1: "total"},
+                "input3": {2: "past"}, "input4": {2: "past"}, "features": {0: "batch"}}
+        cache = _cache_path(cache_dir, encoder.info.name, encoder.info.weights_sha256, "textsuffix")
+        data = onnx_model_bytes(TextSuffix(model).eval(), example, dynamic_axes=axes, cache=cache)
+        runner = OrtText(data, model)
         with torch.inference_mode():
             want = encoder._encode_tokens(probe).float()
-        got = runner(probe)
+        got_whole = runner(probe)
+        runner.add_prefix(head)
+        got_after_prefix = runner(probe)
+        for text in prefixes:
+            runner.add_prefix(_prefix_ids(encoder.tokenizer, text))
     except Exception as exc:  # an exporter failing on an unusual text tower: the torch path stays
         log.warning("fast: text tower stays in torch (%s: %s)", type(exc).__name__, str(exc).splitlines()[0][:160])
         return False
-    error = float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
+    scale = want.abs().max().clamp_min(1e-12)
+    error = max(float((got - want).abs().max() / scale) for got in (got_whole, got_after_prefix))
     if error > tolerance:
         log.warning("fast: ONNX text tower differs by %.1e (relative); keeping the torch path", error)
         return False

@@ -161,7 +161,7 @@ def test_default_fast_backend_on_the_real_b32_architecture(b32_weights, b32_enco
 
         assert first.text_runner is not None
         cached = (cliplens_home() / "cache" / "onnx").glob("ViT-B-32-*.onnx")
-        assert "text" in {p.name.split("-")[-2] for p in cached}  # the text tower (fp32)
+        assert "textsuffix" in {p.name.split("-")[-2] for p in cached}  # the text tower (fp32)
         again = load_encoder("ViT-B-32-quickgelu", "openai", device="cpu", precision="fast")
         np.testing.assert_array_equal(again.encode_images(images), got)
         np.testing.assert_array_equal(again.encode_texts(QUERIES), first.encode_texts(QUERIES))
@@ -250,3 +250,28 @@ def test_exact_encoder_text_in_onnx_runtime_for_servers(tiny_model):
         assert plain.encoder.text_runner is None
     finally:
         plain.close()
+
+
+@pytest.mark.skipif(not fast.onnxruntime_available(), reason="needs onnxruntime")
+def test_kept_prompt_prefixes_give_the_same_vectors(tiny_model, monkeypatch):
+    """Rows that share a kept prefix run only their remaining tokens, against its stored keys and values."""
+    exact = load_encoder(tiny_model, device="cpu")
+    enc = load_encoder(tiny_model, device="cpu")
+    assert fast.accelerate_text(enc, prefixes=("a photo of a", "a bad photo of the"))
+    runner = enc.text_runner
+    assert len(runner.prefixes) == 2
+    used = []
+    real = runner._shared_prefix
+    monkeypatch.setattr(runner, "_shared_prefix", lambda ids: used.append(len(real(ids))) or real(ids))
+    batches = {
+        "one query after the prefix": (["a photo of a tractor."], 5),
+        "a batch sharing it": (["a photo of a tulip.", "a photo of a seal in the sea", "a photo of a"], 5),
+        "the other prefix": (["a bad photo of the telephone."], 6),
+        "no common kept prefix": (["a photo of a tulip.", "a bad photo of the tulip."], 0),
+        "no prefix at all": (["seal"], 0),
+    }
+    for name, (texts, prefix_len) in batches.items():
+        used.clear()
+        np.testing.assert_allclose(enc._encode_texts_uncached(texts), exact._encode_texts_uncached(texts),
+                                   atol=2e-6, rtol=0, err_msg=name)
+        assert used == [prefix_len], name

@@ -12,6 +12,7 @@ import logging
 import sys
 
 from cliplens import __version__
+from cliplens._threads import calm_blas_threads
 from cliplens.errors import CliplensError
 
 # Modules that add subcommands, in help order. Each has ``register(subparsers)``.
@@ -34,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    calm_blas_threads()  # before anything imports numpy (see cliplens._threads)
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
