@@ -243,11 +243,13 @@ def bench_store(name: str, store, queries: np.ndarray, args) -> list[dict]:
             build_peak_mb=peak)
         files.append(flat.paths[0])
     if "hnsw" in wanted and n <= args.hnsw_max:
-        hnsw, secs, peak = build("faiss", factory="HNSW32")
+        efc = {"ef_construction": args.ef_construction} if args.ef_construction else {}
+        hnsw, secs, peak = build("faiss", factory="HNSW32", **efc)
         files.append(hnsw.paths[0])
+        label = f"HNSW32 efConstruction {args.ef_construction}" if efc else "HNSW32"
         for ef in (16, 64, 128, 256, 512):
             first = ef == 16
-            add("faiss", f"HNSW32 efSearch {ef}", lambda q, ef=ef: hnsw.search(q, K, ef_search=ef),
+            add("faiss", f"{label} efSearch {ef}", lambda q, ef=ef: hnsw.search(q, K, ef_search=ef),
                 build_s=secs if first else None, size_mb=hnsw.paths[0].stat().st_size / 2**20 if first else None,
                 build_peak_mb=peak if first else None)
     nlist = args.nlist or max(64, min(4096, 1 << int(round(np.log2(4 * np.sqrt(n))))))
@@ -372,6 +374,8 @@ def main() -> None:
     p.add_argument("--cifar", default="b32", choices=["b32", "tiny", "none"], help="CIFAR stand-in model")
     p.add_argument("--milvus-max", type=int, default=100_000, help="largest store Milvus Lite is built for")
     p.add_argument("--hnsw-max", type=int, default=10**9, help="largest store HNSW is built for")
+    p.add_argument("--ef-construction", type=int, default=None,
+                   help="HNSW build effort (FAISS's default, 40, when left out)")
     p.add_argument("--nlist", type=int, default=None, help="IVF lists (default about 4 sqrt(N), a power of two)")
     p.add_argument("--work", type=Path, default=None, help="where stores are written (kept for reruns)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
