@@ -245,18 +245,32 @@ class TextSuffix(torch.nn.Module):
     def forward(self, tokens, positions, attn_mask, past_k, past_v):
         m = self.model
         x = m.token_embedding(tokens) + m.positional_embedding[positions]
-        n = tokens.shape[0]
-        for i, block in enumerate(m.transformer.resblocks):
-            attn = block.attn
-            q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-            q, k, v = (t.reshape(n, -1, attn.num_heads, attn.head_dim).transpose(1, 2) for t in (q, k, v))
-            k = torch.cat([past_k[i].unsqueeze(0).expand(n, -1, -1, -1), k], dim=2)
-            v = torch.cat([past_v[i].unsqueeze(0).expand(n, -1, -1, -1), v], dim=2)
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-            x = x + block.ls_1(attn.out_proj(out.transpose(1, 2).reshape(n, -1, attn.embed_dim)))
-            x = x + block.ls_2(block.mlp(block.ln_2(x)))
-        x = m.ln_final(x)[torch.arange(n), tokens.argmax(dim=-1)]  # pooled at end-of-text
+        x = _text_blocks(m, x, attn_mask=attn_mask, past=(past_k, past_v))
+        x = m.ln_final(x)[torch.arange(tokens.shape[0]), tokens.argmax(dim=-1)]  # pooled at end-of-text
         return m.text_projection(x) if hasattr(m.text_projection, "weight") else x @ m.text_projection
+
+
+def _text_blocks(m, x, *, attn_mask=None, past=None, keep: list | None = None):
+    """The text transformer's blocks on ``x`` (N, L, width), attention written out.
+
+    ``past``: keys and values (layers, heads, P, head_dim) of P earlier tokens that every row attends to first,
+    with ``attn_mask`` (L, P+L); without them, causal attention over ``x`` alone. ``keep``: a list that gets
+    each layer's (keys, values) of the first row.
+    """
+    n = x.shape[0]
+    for i, block in enumerate(m.transformer.resblocks):
+        attn = block.attn
+        q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
+        q, k, v = (t.reshape(n, -1, attn.num_heads, attn.head_dim).transpose(1, 2) for t in (q, k, v))
+        if keep is not None:
+            keep.append((k[0], v[0]))
+        if past is not None:
+            k = torch.cat([past[0][i].unsqueeze(0).expand(n, -1, -1, -1), k], dim=2)
+            v = torch.cat([past[1][i].unsqueeze(0).expand(n, -1, -1, -1), v], dim=2)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=past is None)
+        x = x + block.ls_1(attn.out_proj(out.transpose(1, 2).reshape(n, -1, attn.embed_dim)))
+        x = x + block.ls_2(block.mlp(block.ln_2(x)))
+    return x
 
 
 def prefix_keys_values(model, ids) -> tuple[np.ndarray, np.ndarray]:
@@ -266,19 +280,10 @@ def prefix_keys_values(model, ids) -> tuple[np.ndarray, np.ndarray]:
     """
     m = model
     ids = torch.as_tensor(ids, dtype=torch.long)[None]
+    kept: list = []
     with torch.inference_mode():
-        x = m.token_embedding(ids) + m.positional_embedding[: ids.shape[1]]
-        keys, values = [], []
-        for block in m.transformer.resblocks:
-            attn = block.attn
-            q, k, v = F.linear(block.ln_1(x), attn.in_proj_weight, attn.in_proj_bias).chunk(3, dim=-1)
-            q, k, v = (t.reshape(1, -1, attn.num_heads, attn.head_dim).transpose(1, 2) for t in (q, k, v))
-            keys.append(k[0])
-            values.append(v[0])
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-            x = x + block.ls_1(attn.out_proj(out.transpose(1, 2).reshape(1, -1, attn.embed_dim)))
-            x = x + block.ls_2(block.mlp(block.ln_2(x)))
-    return torch.stack(keys).float().numpy(), torch.stack(values).float().numpy()
+        _text_blocks(m, m.token_embedding(ids) + m.positional_embedding[: ids.shape[1]], keep=kept)
+    return (torch.stack([k for k, _ in kept]).float().numpy(), torch.stack([v for _, v in kept]).float().numpy())
 
 
 def _causal_mask(past: int, length: int) -> np.ndarray:
