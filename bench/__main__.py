@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from cliplens.cli.core import positive_int  # no numpy: main() still calms BLAS threads before numpy loads
+
 BENCHMARKS = ("indexing", "text", "search", "agreement", "batch")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -28,29 +30,19 @@ def _sizes(text: str) -> list[int]:
     return sizes
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     p.add_argument("benchmark", choices=(*BENCHMARKS, "all"))
-    p.add_argument("--n", type=_positive, default=512,
+    p.add_argument("--n", type=positive_int, default=512,
                    help="images for indexing and agreement (default 512; the batch sweep uses up to 128)")
-    p.add_argument("--reps", type=_positive, default=3, help="repetitions: medians and spreads reported (default 3)")
+    p.add_argument("--reps", type=positive_int, default=3, help="repetitions: medians and spreads reported (default 3)")
     p.add_argument("--jpegs", type=int, default=20, help="JPEGs of 1-4 megapixels for the folder case (0: skip)")
-    p.add_argument("--index-size", type=_positive, default=10_000, help="vectors searched by the text benchmark")
+    p.add_argument("--index-size", type=positive_int, default=10_000, help="vectors searched by the text benchmark")
     p.add_argument("--sizes", type=_sizes, default=[10_000, 100_000, 1_000_000], help="search benchmark sizes")
     p.add_argument("--backends", default="auto",
                    help="fast backends to run: auto (what --precision fast picks), all, or a comma list "
                         "(onnx-int8,torch-int8,bf16); 'none' runs exact only")
-    p.add_argument("--batch-size", type=_positive, default=None, help="cliplens batch size (default: its own)")
+    p.add_argument("--batch-size", type=positive_int, default=None, help="cliplens batch size (default: its own)")
     p.add_argument("--model", choices=("b32", "tiny"), default="b32",
                    help="b32: ViT-B-32-quickgelu (default); tiny: a 2-layer CLIP for smoke tests only")
     p.add_argument("--hf-home", type=Path, default=None,

@@ -50,7 +50,7 @@ def load_model(args, manifest: dict | None = None):
                         precision=getattr(args, "precision", "exact"))
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -245,11 +245,11 @@ def register(sub) -> None:
     p.add_argument("--data-dir", type=Path, default=None, help="where the data set is or goes (default $CLIPLENS_HOME/data)")
     p.add_argument("--no-verify", action="store_true", help="accept files whose md5 is not the official one")
     p.add_argument("--index-dir", type=Path, default=None, help="output folder (default $CLIPLENS_HOME/indexes/SOURCE-SPLIT)")
-    p.add_argument("--limit", type=_positive_int, default=None, help="index only the first N images")
-    p.add_argument("--batch-size", type=_positive_int, default=None,
+    p.add_argument("--limit", type=positive_int, default=None, help="index only the first N images")
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="images per batch (default: chosen by a quick probe of the model and device)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage type of the embeddings")
-    p.add_argument("--checkpoint-every", type=_positive_int, default=4, help="batches between resume checkpoints")
+    p.add_argument("--checkpoint-every", type=positive_int, default=4, help="batches between resume checkpoints")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="folders: skip matching paths (repeatable)")
     p.add_argument("--include-hidden", action="store_true", help="folders: also index hidden files and folders")
@@ -290,8 +290,8 @@ def register(sub) -> None:
     p.add_argument("--no-verify", action="store_true")
     p.add_argument("--index-dir", type=Path, default=None)
     p.add_argument("--out", default="cliplens-demo", help="folder for the result grids (default ./cliplens-demo)")
-    p.add_argument("--limit", type=_positive_int, default=None)
-    p.add_argument("--batch-size", type=_positive_int, default=None,
+    p.add_argument("--limit", type=positive_int, default=None)
+    p.add_argument("--batch-size", type=positive_int, default=None,
                    help="images per batch (default: chosen by a quick probe of the model and device)")
     p.add_argument("-q", "--quiet", action="store_true")
     add_model_flags(p)

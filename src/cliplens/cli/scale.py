@@ -15,7 +15,7 @@ import argparse
 import time
 from pathlib import Path
 
-from cliplens.cli.core import _positive_int
+from cliplens.cli.core import positive_int
 from cliplens.index.backends import BACKENDS
 
 
@@ -28,8 +28,8 @@ def add_backend_flags(p: argparse.ArgumentParser, *, default: str | None = "exac
                    help=f"vector index: {', '.join(BACKENDS)} (default {default or 'none'})")
     g.add_argument("--faiss-index", default="HNSW32", metavar="FACTORY",
                    help='FAISS factory string, e.g. Flat, HNSW32, "IVF4096,PQ64" (default HNSW32)')
-    g.add_argument("--ef-search", type=_positive_int, default=None, help="FAISS HNSW: candidates explored per query")
-    g.add_argument("--nprobe", type=_positive_int, default=None, help="FAISS IVF: inverted lists visited per query")
+    g.add_argument("--ef-search", type=positive_int, default=None, help="FAISS HNSW: candidates explored per query")
+    g.add_argument("--nprobe", type=positive_int, default=None, help="FAISS IVF: inverted lists visited per query")
     g.add_argument("--milvus-uri", default=None, metavar="URI",
                    help="Milvus server (http://host:19530; token from $CLIPLENS_MILVUS_TOKEN); "
                         "default: Milvus Lite in INDEX_DIR/milvus/")
@@ -39,10 +39,10 @@ def add_backend_flags(p: argparse.ArgumentParser, *, default: str | None = "exac
 def add_build_flags(p: argparse.ArgumentParser) -> None:
     """Settings that only matter while a backend is built (``build-index``, ``index --backend ...``)."""
     g = p.add_argument_group("index backend build")
-    g.add_argument("--ef-construction", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--ef-construction", type=positive_int, default=None, metavar="N",
                    help="FAISS HNSW: candidates explored per insertion while building the graph (FAISS default 40; "
                         "higher: better recall, slower build)")
-    g.add_argument("--train-size", type=_positive_int, default=None,
+    g.add_argument("--train-size", type=positive_int, default=None,
                    help="FAISS: vectors sampled to train IVF/PQ (default 39 per list, at least 10000)")
 
 
@@ -67,7 +67,7 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--engine", default="local", choices=["local", "ray"], help="where to embed (default local)")
     g.add_argument("--ray-address", default=None, metavar="ADDR",
                    help="Ray cluster: auto, or ray://HEAD:10001 (default: start a local Ray)")
-    g.add_argument("--ray-actors", type=_positive_int, default=None, help="actor pool size (default: one per CPU/GPU)")
+    g.add_argument("--ray-actors", type=positive_int, default=None, help="actor pool size (default: one per CPU/GPU)")
 
 
 def backend_options(args, *, build: bool = False) -> dict:
