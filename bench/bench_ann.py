@@ -50,24 +50,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `python bench/bench_ann.py` from a checkout: the bench package is importable
     sys.path.insert(0, str(ROOT))
 
+from bench.common import peak_rss_reset, rss_mb  # noqa: E402  (after the path set-up above)
+
 K = 10
 
 
 # --------------------------------------------------------------------------- measuring
-
-
-def rss_mb(field: str = "VmRSS") -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def reset_peak() -> None:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux)
-    except OSError:
-        pass
 
 
 class AnonPeak:
@@ -222,7 +210,7 @@ def bench_store(name: str, store, queries: np.ndarray, args) -> list[dict]:
                 return index, meta["build_seconds"], earlier[0]["build_peak_rss_mb"] if earlier else None
             except BackendError:
                 pass
-        reset_peak()
+        peak_rss_reset()
         before = rss_mb()
         t0 = time.perf_counter()
         with AnonPeak() as sampler:

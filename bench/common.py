@@ -152,24 +152,28 @@ def peak_rss_reset() -> bool:
         return False
 
 
-def peak_rss_mb() -> float:
-    """This process's peak resident memory in MiB since the last reset (VmHWM), else since start."""
+def status_mb(field: str) -> float | None:
+    """A memory figure of this process from /proc/self/status (VmRSS, VmHWM, RssAnon, ...) in MiB; None without it."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
+    return None
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB since the last reset (VmHWM), else since start."""
+    peak = status_mb("VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
+def rss_mb(field: str = "VmRSS") -> float:
+    """This process's resident memory (or another /proc/self/status ``field``) in MiB; NaN where unknown."""
+    value = status_mb(field)
+    return float("nan") if value is None else value
