@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 # 2**4 cycles: OpenBLAS's helper threads go to sleep right after each product instead of spinning.
 BLAS_THREAD_TIMEOUT = "4"
@@ -18,8 +19,6 @@ def calm_blas_threads() -> bool:
     setting once, when numpy loads it, so this only works before numpy is imported (``cliplens`` and
     ``python -m bench`` call it first thing); afterwards it changes nothing and returns False.
     """
-    import sys
-
     if "numpy" in sys.modules or "OPENBLAS_THREAD_TIMEOUT" in os.environ:
         return False
     os.environ["OPENBLAS_THREAD_TIMEOUT"] = BLAS_THREAD_TIMEOUT
