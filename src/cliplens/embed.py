@@ -15,6 +15,7 @@ from typing import Any, Callable, Protocol
 
 import numpy as np
 
+from cliplens.errors import IndexExistsError
 from cliplens.store import IndexWriter
 
 log = logging.getLogger(__name__)
@@ -129,10 +130,32 @@ def embed_into(source: BatchSource, encoder, writer: IndexWriter, *, batch_size:
     return EmbedStats(count=n - done, resumed_from=done, seconds=time.perf_counter() - t0)
 
 
+_IDENTITY_WORDS = {"count": "images", "weights_sha256": "weights", "pretrained": "pretrained tag", "model": "model",
+                   "precision": "precision", "dtype": "dtype", "files": "source files", "source": "data set",
+                   "split": "split", "batch_size": "batch size"}
+
+
+def describe_identity_change(old: dict, new: dict) -> str:
+    """``"images 10000 -> 2000, dtype float32 -> float16"``: what differs between two index identities."""
+    parts = []
+    for key in sorted(set(old) | set(new), key=lambda k: list(_IDENTITY_WORDS).index(k) if k in _IDENTITY_WORDS else 99):
+        a, b = old.get(key), new.get(key)
+        if a == b:
+            continue
+        word = _IDENTITY_WORDS.get(key, key)
+        short = key not in ("files", "weights_sha256")
+        parts.append(f"{word} {a} -> {b}" if short else f"{word} differ")
+    return ", ".join(parts) or "format"
+
+
 def index_labeled(data, encoder, index_dir: str | Path, *, batch_size: int | None = None, dtype: str = "float32",
                   checkpoint_every: int = 4, progress: bool = True, store_images: bool = True,
-                  embed_fn: Callable[..., EmbedStats] | None = None) -> tuple[dict, EmbedStats]:
+                  embed_fn: Callable[..., EmbedStats] | None = None,
+                  rebuild: bool = False) -> tuple[dict, EmbedStats]:
     """Index a labelled image set (``cliplens.datasets.LabeledImages``): embeddings, items and manifest.
+
+    A complete index of other settings (weights, precision, dtype, count, source files) already in ``index_dir``
+    is never replaced unless ``rebuild``: a 2,000-image quick look must not silently cost a 10,000-image build.
 
     ``embed_fn`` replaces :func:`embed_into` (same signature), e.g. ``RayEngine(...).embed_into`` to embed on Ray.
     """
@@ -153,6 +176,9 @@ def index_labeled(data, encoder, index_dir: str | Path, *, batch_size: int | Non
         "batch_size": batch_size,  # batch shapes fix the float results: resuming must reuse them
     }
     writer = IndexWriter(root=Path(index_dir), identity=identity, dim=info.embed_dim)
+    existing = writer.complete_identity()
+    if existing is not None and existing != identity and not rebuild:
+        raise IndexExistsError(index_dir, describe_identity_change(existing, identity))
     if writer.is_complete():
         log.info("%s already holds this index; nothing to do", index_dir)
         from cliplens.store import IndexStore

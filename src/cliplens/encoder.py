@@ -93,20 +93,60 @@ def _resolve_tag(name: str, tag: str) -> tuple[str, str, bool]:
         # The trap DESIGN.md warns about: plain ViT-B-32 + openai silently uses the wrong activation.
         log.warning("%s/%s was trained with QuickGELU: using %s-quickgelu", name, tag, name)
         name = name + "-quickgelu"
-    try:
-        path = oc_pretrained.download_pretrained(cfg)
-    except Exception as exc:  # huggingface_hub raises many types; all mean "not here, not fetchable"
-        hub = cfg.get("hf_hub", "").rstrip("/")
-        offline = os.environ.get("HF_HUB_OFFLINE") == "1"
-        where = f"the Hugging Face cache ({os.environ.get('HF_HOME', '~/.cache/huggingface')})"
-        raise ModelError(
-            f"weights for {name}/{tag} are not in {where}{' (HF_HUB_OFFLINE=1)' if offline else ''} and could not "
-            f"be downloaded ({type(exc).__name__}); fetch them on a connected machine with "
-            f"`huggingface-cli download {hub}` and copy the cache, or pass --weights PATH to a checkpoint file"
-        ) from None
+    path = _local_checkpoint(cfg)
+    if path is None:
+        path = _download_checkpoint(cfg, f"{name}/{tag}")
     if not path:
         raise ModelError(f"open_clip knows no download location for {name}/{tag}; pass --weights PATH")
     return name, str(path), quick_gelu
+
+
+def _local_checkpoint(cfg: dict) -> str | None:
+    """The checkpoint of a pretrained config when it is already on disk (no network call), else None."""
+    from cliplens import _hub
+
+    if cfg.get("file"):
+        return cfg["file"]
+    return _hub.cached_checkpoint(cfg["hf_hub"]) if cfg.get("hf_hub") else None
+
+
+def _download_checkpoint(cfg: dict, label: str) -> str:
+    """Fetch a checkpoint through open_clip, but only after one quick check that the hub can be reached."""
+    from open_clip import pretrained as oc_pretrained
+
+    from cliplens import _hub
+
+    hub = cfg.get("hf_hub", "")
+    if hub and not _hub.hub_reachable():
+        raise ModelError(_hub.missing_weights_message(label, hub))
+    try:
+        with _hub.quiet_hub():
+            return oc_pretrained.download_pretrained(cfg)
+    except Exception as exc:  # huggingface_hub raises many types; all mean "not here, not fetchable"
+        where = f"the Hugging Face cache ({_hub.hub_cache_dir()})"
+        fetch = f"`{_hub.download_command(hub)}`" if hub else "open_clip"
+        raise ModelError(
+            f"weights for {label} are not in {where} and could not be downloaded ({type(exc).__name__}); fetch "
+            f"them on a connected machine with {fetch} and copy the cache, or pass --weights PATH to a checkpoint file"
+        ) from None
+
+
+def missing_weights(model: str, pretrained: str | None, weights=None) -> str | None:
+    """A one-line description of the weights when they are neither on disk nor downloadable now, else None.
+
+    Lets a command that also needs data say both problems at once instead of one per run.
+    """
+    from open_clip import pretrained as oc_pretrained
+
+    from cliplens import _hub
+
+    if weights is not None or not pretrained or model.startswith(("hf-hub:", "local-dir:")):
+        return None
+    cfg = oc_pretrained.get_pretrained_cfg(model, pretrained) or oc_pretrained.get_pretrained_cfg(
+        model + "-quickgelu", pretrained)
+    if not cfg or _local_checkpoint(cfg) or not cfg.get("hf_hub") or _hub.hub_reachable():
+        return None
+    return _hub.missing_weights_message(f"{model}/{pretrained}", cfg["hf_hub"])
 
 
 class Encoder:

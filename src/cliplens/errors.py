@@ -33,6 +33,15 @@ class StoreError(CliplensError):
     """An index folder is missing, incomplete, corrupt or incompatible."""
 
 
+class IndexExistsError(StoreError):
+    """A complete index of other settings is where a new one would go; it is kept unless a rebuild is asked for."""
+
+    def __init__(self, index_dir, change: str):
+        self.index_dir, self.change = index_dir, change
+        super().__init__(f"{index_dir} already holds a complete index built with other settings ({change}); "
+                         "it is kept as it is")
+
+
 class ModelMismatchError(StoreError):
     """The index was built with another model than the one asked to query it."""
 

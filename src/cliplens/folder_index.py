@@ -39,7 +39,7 @@ from cliplens.datasets.folder import (
     walk_folder,
 )
 from cliplens.embed import choose_batch_size, embed_into
-from cliplens.errors import DatasetError, StoreError
+from cliplens.errors import DatasetError, IndexExistsError, StoreError
 from cliplens.store import MANIFEST, IndexStore, IndexWriter
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ class FolderIndexOptions:
     dtype: str = "float32"
     workers: int = 2  # decoding threads
     progress: bool = True
+    rebuild: bool = False  # replace an index built with another model or dtype (else refused: IndexExistsError)
 
     @property
     def max_pixels(self) -> int:
@@ -124,7 +125,7 @@ class _Plan:
     skipped: list = field(default_factory=list)  # (rel, reason)
 
 
-def _previous(index_dir: Path, info):
+def _previous(index_dir: Path, info, *, dtype: str = "float32", rebuild: bool = False):
     """The existing folder index in ``index_dir`` if its vectors can be reused with this model, else None."""
     if not (index_dir / MANIFEST).is_file():
         return None
@@ -138,8 +139,15 @@ def _previous(index_dir: Path, info):
         raise DatasetError(f"{index_dir} holds a {source.get('name', 'non-folder')} index, not a folder index: "
                            "choose another --index-dir")
     built = store.manifest["model"]
-    if built["name"] != info.name or built.get("weights_sha256") != info.weights_sha256 or store.dim != info.embed_dim:
-        log.warning("%s was built with another model (%s); re-embedding everything", index_dir, built["name"])
+    changed = [word for word, same in (("model", built["name"] == info.name),
+                                       ("weights", built.get("weights_sha256") == info.weights_sha256),
+                                       ("embedding size", store.dim == info.embed_dim),
+                                       ("precision", built.get("precision", "exact") == info.precision),
+                                       ("dtype", str(store.embeddings.dtype) == dtype)) if not same]
+    if changed and not rebuild:
+        raise IndexExistsError(index_dir, f"{', '.join(changed)} differ")
+    if changed:
+        log.warning("%s was built with another %s; re-embedding everything", index_dir, " and ".join(changed))
         return None
     return store
 
@@ -202,7 +210,7 @@ def index_folder(root: str | Path, encoder, index_dir: str | Path, *,
     info = encoder.info
     allow_pixels(options.max_pixels)
     files = walk_folder(root, exclude=options.exclude, include_hidden=options.include_hidden)
-    prev = _previous(index_dir, info)
+    prev = _previous(index_dir, info, dtype=options.dtype, rebuild=options.rebuild)
     plan = _plan(root, files, prev, options)
 
     # ---- embed what is new, resumably, in index_dir/pending

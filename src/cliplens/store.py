@@ -60,6 +60,9 @@ class IndexStore:
                     f"index at {root} is incomplete ({done} of {total} images embedded): "
                     "run the same `cliplens index` command again to resume it"
                 )
+            if (root / PARTIAL).exists() or any(p.name.startswith("pending") for p in root.iterdir()):
+                raise StoreError(f"index at {root} is unfinished (an indexing run stopped before it completed): "
+                                 "run the same `cliplens index` command again to finish it")
             raise StoreError(f"{root} is not a cliplens index (no {MANIFEST}): build one with `cliplens index`")
         manifest = _read_json(root / MANIFEST)
         if manifest.get("format_version") != FORMAT_VERSION:
@@ -201,6 +204,17 @@ class IndexWriter:
             return json.loads(path.read_text()).get("identity") == self.identity
         except (OSError, ValueError):
             return False
+
+    def complete_identity(self) -> dict | None:
+        """The identity of a finished index already in this folder (whatever its settings), or None."""
+        path = self.root / MANIFEST
+        if not path.is_file() or (self.root / PROGRESS).is_file():
+            return None
+        try:
+            found = json.loads(path.read_text()).get("identity")
+        except (OSError, ValueError):
+            return None
+        return found if isinstance(found, dict) else None
 
     def start(self) -> int:
         """Open the partial embeddings; return how many rows are already done (0 unless resuming)."""

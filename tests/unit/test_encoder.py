@@ -97,7 +97,7 @@ def test_missing_weights_offline_is_one_clear_error(monkeypatch, tmp_path):
     with pytest.raises(ModelError) as err:
         load_encoder("ViT-B-16", "openai", device="cpu")  # never written by any fixture
     msg = str(err.value)
-    assert "\n" not in msg and "--weights" in msg and "huggingface-cli download timm/vit_base_patch16_clip_224.openai" in msg
+    assert "\n" not in msg and "--weights" in msg and "hf download timm/vit_base_patch16_clip_224.openai" in msg
 
 
 @pytest.mark.parametrize("kwargs, needle", [

@@ -19,7 +19,24 @@ from cliplens.errors import CliplensError
 COMMAND_MODULES = ["cliplens.cli.core", "cliplens.cli.evaluate", "cliplens.cli.web", "cliplens.cli.bench", "cliplens.cli.scale"]
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the help already names it or there is none to name."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        default = action.default
+        if ("default" in text or default is None or default is False or default is argparse.SUPPRESS
+                or default == [] or not action.option_strings):
+            return text
+        shown = ",".join(map(str, default)) if isinstance(default, (list, tuple)) else default
+        return f"{text} (default: {shown})"
+
+
 class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
     def error(self, message: str):  # argparse's usage errors: one line, exit 2, like ours
         self.exit(2, f"cliplens: error: {message} (see `{self.prog} --help`)\n")
 
@@ -36,6 +53,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     calm_blas_threads()  # before anything imports numpy (see cliplens._threads)
+    try:
+        return _run(argv)
+    except BrokenPipeError:  # `cliplens search ... | head -1`: the reader has what it wanted
+        return _quiet_broken_pipe()
+
+
+def _run(argv: list[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -47,7 +71,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return int(args.handler(args) or 0)
+        result = int(args.handler(args) or 0)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler above, not in Python's exit
+        return result
+    except BrokenPipeError:
+        raise
     except CliplensError as exc:
         print(f"cliplens: error: {exc}", file=sys.stderr)
         return exc.exit_code
@@ -59,6 +87,18 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"cliplens: error: {exc.strerror or exc} ({exc.filename or 'no file'})", file=sys.stderr)
         return 1
+
+
+def _quiet_broken_pipe() -> int:
+    """Point stdout at /dev/null so Python's own flush at exit cannot complain about the closed pipe."""
+    import os
+
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout already gone or not a real file: nothing left to protect
+        pass
+    return 0
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 from cliplens._files import cliplens_home
 from cliplens.errors import CliplensError, QueryError
 
+INDEX_DIR_HELP = "the index folder (default $CLIPLENS_INDEX_DIR, else $CLIPLENS_HOME/indexes/cifar100-test)"
 CASE_STUDIES = ("tractor", "tulip", "seal", "telephone")  # CIFAR-100 classes 89, 92, 72, 86
 
 
@@ -27,15 +28,16 @@ def add_model_flags(p: argparse.ArgumentParser, *, for_query: bool = False) -> N
     g.add_argument("--model", default=None, help=f"open_clip model name{default_note or ' (default ViT-B-32-quickgelu)'}")
     g.add_argument("--pretrained", default=None, help=f"pretrained tag{default_note or ' (default openai)'}")
     g.add_argument("--weights", type=Path, default=None, help="a local checkpoint file instead of the tag")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where the model runs; auto picks cuda, then mps, then cpu")
     g.add_argument("--precision", default="exact", choices=["exact", "fast"],
                    help="exact (default): fp32, the reference's answers; fast: bf16 or int8 image tower and fp32 "
                         "text tower in ONNX Runtime where available (mean cosine >= 0.999; docs/performance.md)")
 
 
-def load_model(args, manifest: dict | None = None):
-    """Build the encoder from flags, falling back to the model an index was built with."""
-    from cliplens.encoder import DEFAULT_MODEL, DEFAULT_PRETRAINED, load_encoder
+def model_choice(args, manifest: dict | None = None) -> tuple[str, str, Path | None]:
+    """(model name, pretrained tag, weights file) from the flags, falling back to the model an index was built with."""
+    from cliplens.encoder import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
     built = (manifest or {}).get("model", {})
     name = args.model or built.get("name") or DEFAULT_MODEL
@@ -46,8 +48,60 @@ def load_model(args, manifest: dict | None = None):
         if weights is None:
             raise CliplensError("this index was built with random weights; pass --weights or --pretrained")
     pretrained = args.pretrained or (built.get("pretrained") if not args.model else None) or DEFAULT_PRETRAINED
+    return name, pretrained, weights
+
+
+def load_model(args, manifest: dict | None = None):
+    """Build the encoder from flags, falling back to the model an index was built with."""
+    from cliplens.encoder import load_encoder
+
+    name, pretrained, weights = model_choice(args, manifest)
     return load_encoder(name, pretrained, weights=weights, device=args.device,
                         precision=getattr(args, "precision", "exact"))
+
+
+def check_cifar_inputs(args, source: str) -> None:
+    """Before anything slow: when neither the data nor the weights are here or downloadable, say both at once."""
+    from cliplens.datasets.cifar import missing_data
+    from cliplens.encoder import missing_weights
+
+    data = missing_data(source, args.data_dir)
+    if data is None:
+        return  # the data is here (or can be fetched); a weights problem is then said on its own, as usual
+    name, pretrained, weights = model_choice(args)
+    model = missing_weights(name, pretrained, weights)
+    if model is not None:
+        raise CliplensError(f"nothing to index with: {data}; and {model}")
+
+
+def cifar_index_dir(args, source: str) -> Path:
+    """``--index-dir``, else the default for the split; a ``--limit`` run gets its own folder, never the full one's."""
+    if args.index_dir:
+        return args.index_dir
+    if args.limit:
+        return cliplens_home() / "indexes" / f"{source}-{args.split}-first{args.limit}"
+    return default_index_dir(f"{source}-{args.split}")
+
+
+def index_cifar(args, source: str, *, embed_fn=None):
+    """Load the split and index it (refusing to replace a complete index of other settings unless --rebuild)."""
+    from cliplens.datasets import load_cifar
+    from cliplens.embed import index_labeled
+    from cliplens.errors import IndexExistsError
+
+    index_dir = cifar_index_dir(args, source)
+    check_cifar_inputs(args, source)
+    data = load_cifar(source, args.split, data_dir=args.data_dir, verify=not args.no_verify, limit=args.limit,
+                      progress=not args.quiet)
+    encoder = load_model(args)
+    try:
+        manifest, stats = index_labeled(data, encoder, index_dir, batch_size=args.batch_size,
+                                        dtype=getattr(args, "dtype", "float32"),
+                                        checkpoint_every=getattr(args, "checkpoint_every", 4),
+                                        progress=not args.quiet, embed_fn=embed_fn, rebuild=args.rebuild)
+    except IndexExistsError as exc:
+        raise CliplensError(f"{exc}: pass --rebuild to replace it, or give another --index-dir") from None
+    return index_dir, encoder, manifest, stats
 
 
 def positive_int(text: str) -> int:
@@ -65,8 +119,6 @@ def positive_int(text: str) -> int:
 
 def cmd_index(args) -> int:
     from cliplens.cli.scale import build_after_index, check_build_flags, engine_embed_fn
-    from cliplens.datasets import load_cifar
-    from cliplens.embed import index_labeled
 
     source = args.source.lower()
     is_folder = source.replace("-", "") not in ("cifar100", "cifar10")
@@ -81,13 +133,7 @@ def cmd_index(args) -> int:
         root = Path(args.source).expanduser().resolve()
         build_after_index(args, args.index_dir or default_index_dir(f"folder-{root.name or 'root'}"))
         return code
-    index_dir = args.index_dir or default_index_dir(f"{source.replace('-', '')}-{args.split}")
-    data = load_cifar(source, args.split, data_dir=args.data_dir, verify=not args.no_verify, limit=args.limit,
-                      progress=not args.quiet)
-    encoder = load_model(args)
-    manifest, stats = index_labeled(data, encoder, index_dir, batch_size=args.batch_size, dtype=args.dtype,
-                                    checkpoint_every=args.checkpoint_every, progress=not args.quiet,
-                                    embed_fn=embed_fn)
+    index_dir, _, manifest, stats = index_cifar(args, source.replace("-", ""), embed_fn=embed_fn)
     if stats.count == 0:
         print(f"{index_dir}: already complete ({manifest['count']} images), nothing to do")
     else:
@@ -102,25 +148,34 @@ def cmd_index(args) -> int:
 
 
 def open_searcher(args):
+    """(the Searcher, the backend index it ranks with: None for the exact numpy index)."""
     from cliplens.cli.scale import open_backend
     from cliplens.search import Searcher
     from cliplens.store import IndexStore
 
     store = IndexStore.open(args.index_dir or default_index_dir())
     index = open_backend(store, args) if hasattr(args, "backend") else None
-    return Searcher(encoder=load_model(args, store.manifest), store=store, index=index)
+    return Searcher(encoder=load_model(args, store.manifest), store=store, index=index), index
 
 
 def cmd_search(args) -> int:
+    import sys
+
+    from cliplens.cli.scale import backend_label, backend_settings
     from cliplens.query import search_words
 
-    searcher = open_searcher(args)
-    result = search_words(searcher, args.query, args.k, images=args.image, similar=args.similar, where=args.where,
+    searcher, index = open_searcher(args)
+    k = args.k
+    if k > len(searcher.store) >= 1:
+        print(f"cliplens: note: the index holds {len(searcher.store)} items, so showing {len(searcher.store)} "
+              f"instead of {k}", file=sys.stderr)
+        k = len(searcher.store)
+    result = search_words(searcher, args.query, k, images=args.image, similar=args.similar, where=args.where,
                           min_score=args.min_score, template=args.template, raw=args.raw)
     if args.json:
-        print(json.dumps(result.to_json(), indent=2))
+        print(json.dumps({**result.to_json(), "backend": backend_settings(args, index)}, indent=2))
     else:
-        print(format_result(result, searcher))
+        print(format_result(result, searcher, backend=backend_label(args, index)))
     if args.grid:
         path = save_result_grid(searcher, result, args.grid)
         if not args.json:
@@ -128,17 +183,17 @@ def cmd_search(args) -> int:
     return 0
 
 
-def format_result(result, searcher) -> str:
+def format_result(result, searcher, *, backend: str = "exact") -> str:
     m = searcher.store.manifest["model"]
     lines = [f'query "{result.query}" -> prompt "{result.prompt}"  '
-             f"({model_label(m)}, {len(searcher.store)} images)"]
+             f"({model_label(m)}, {len(searcher.store)} images, {backend} search)"]
     labelled = searcher.store.has_labels
-    header = f"{'rank':>4}  {'score':>6}  {'id':>6}  " + (f"{'label':<22}{'superclass'}" if labelled else "ref")
+    header = f"{'rank':>4}  {'score':>7}  {'id':>6}  " + (f"{'label':<22}{'superclass'}" if labelled else "ref")
     lines.append(header)
     for h in result.hits:
         mark = {True: " ✓", False: " ✗", None: ""}[h.match]
         tail = f"{(h.label or '') + mark:<22}{h.superclass or ''}" if labelled else h.ref
-        lines.append(f"{h.rank:>4}  {h.score:6.4f}  {h.id:>6}  {tail}")
+        lines.append(f"{h.rank:>4}  {h.score:7.4f}  {h.id:>6}  {tail}")
     if result.precision_at_k is not None:
         lines.append(f'precision@{len(result.hits)} for class "{result.query_class}": {result.precision_at_k:.2f}')
     return "\n".join(lines)
@@ -193,9 +248,14 @@ def cmd_info(args) -> int:
          if store.has_labels else "no labels"),
         ("created", f"{m['created']} by cliplens {m['cliplens_version']}"),
     ]
+    if fp.get("archive_md5"):
+        rows.append(("archive md5", fp["archive_md5"]))
+    for name, digest in sorted((fp.get("files") or {}).items()):
+        rows.append((name.rsplit("/", 1)[-1] + " sha256", f"{digest.get('sha256')} (md5 {digest.get('md5')})"))
     stats = m.get("stats")
     if stats:
-        rows.append(("speed", f"{stats['images_per_second']} img/s (batch {stats['batch_size']})"))
+        batch = f" (batch {stats['batch_size']})" if stats.get("batch_size") else ""
+        rows.append(("speed", f"{stats['images_per_second']} img/s{batch}"))
     width = max(len(k) for k, _ in rows)
     print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     return 0
@@ -205,18 +265,15 @@ def cmd_info(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from cliplens.datasets import load_cifar
-    from cliplens.embed import index_labeled
     from cliplens.search import Searcher
     from cliplens.store import IndexStore
 
-    index_dir = args.index_dir or default_index_dir()
-    data = load_cifar("cifar100", "test", data_dir=args.data_dir, verify=not args.no_verify, limit=args.limit,
-                      progress=not args.quiet)
-    encoder = load_model(args)
-    _, stats = index_labeled(data, encoder, index_dir, batch_size=args.batch_size, progress=not args.quiet)
+    args.split = "test"
+    index_dir, encoder, _, stats = index_cifar(args, "cifar100")
     if stats.count:
         print(f"indexed {stats.count} CIFAR-100 test images ({stats.images_per_second:.1f} img/s) -> {index_dir}")
+    else:
+        print(f"using the complete index in {index_dir}")
     searcher = Searcher(encoder=encoder, store=IndexStore.open(index_dir))
     out = Path(args.out)
     k = min(10, len(searcher.store))
@@ -241,11 +298,14 @@ def register(sub) -> None:
     p = sub.add_parser("index", help="embed a data set into an index folder",
                        description="Embed a data set with CLIP into an index folder (resumable).")
     p.add_argument("source", help="cifar100, cifar10, or the path of an image folder (indexed incrementally)")
-    p.add_argument("--split", default="test", choices=["train", "test"])
+    p.add_argument("--split", default="test", choices=["train", "test"], help="CIFAR split to embed")
     p.add_argument("--data-dir", type=Path, default=None, help="where the data set is or goes (default $CLIPLENS_HOME/data)")
     p.add_argument("--no-verify", action="store_true", help="accept files whose md5 is not the official one")
     p.add_argument("--index-dir", type=Path, default=None, help="output folder (default $CLIPLENS_HOME/indexes/SOURCE-SPLIT)")
-    p.add_argument("--limit", type=positive_int, default=None, help="index only the first N images")
+    p.add_argument("--limit", type=positive_int, default=None,
+                   help="index only the first N images (default folder: SOURCE-SPLIT-firstN)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="replace a complete index built with other settings (weights, dtype, limit, precision)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="images per batch (default: chosen by a quick probe of the model and device)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16"], help="storage type of the embeddings")
@@ -268,7 +328,7 @@ def register(sub) -> None:
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                    help="filter: label=..., superclass=..., path=GLOB, caption=... (repeatable)")
     p.add_argument("--min-score", type=float, default=None, help="drop hits below this cosine similarity")
-    p.add_argument("--index-dir", type=Path, default=None)
+    p.add_argument("--index-dir", type=Path, default=None, help=INDEX_DIR_HELP)
     p.add_argument("-k", type=int, default=10, help="number of results (1..N)")
     p.add_argument("--template", "--templates", default="a photo of a {}.", metavar="TEMPLATE|SET",
                    help='prompt template with one "{}", or a set: single, cifar100, imagenet80')
@@ -280,20 +340,26 @@ def register(sub) -> None:
     p.set_defaults(handler=cmd_search)
 
     p = sub.add_parser("info", help="describe an index", description="Show what an index holds and how it was built.")
-    p.add_argument("--index-dir", type=Path, default=None)
+    p.add_argument("--index-dir", type=Path, default=None, help=INDEX_DIR_HELP)
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
     p.set_defaults(handler=cmd_info)
 
     p = sub.add_parser("demo", help="the main job: index CIFAR-100 test and run the four case studies",
                        description="Fetch CIFAR-100 test, index it with ViT-B/32 and run tractor, tulip, seal, telephone.")
-    p.add_argument("--data-dir", type=Path, default=None)
-    p.add_argument("--no-verify", action="store_true")
-    p.add_argument("--index-dir", type=Path, default=None)
+    p.add_argument("--data-dir", type=Path, default=None,
+                   help="where CIFAR-100 is or goes (default $CLIPLENS_HOME/data)")
+    p.add_argument("--no-verify", action="store_true",
+                   help="accept CIFAR files whose md5 is not the official one (their sha256 is recorded)")
+    p.add_argument("--index-dir", type=Path, default=None,
+                   help="the index folder (default $CLIPLENS_HOME/indexes/cifar100-test, or "
+                        "cifar100-test-firstN with --limit N)")
     p.add_argument("--out", default="cliplens-demo", help="folder for the result grids (default ./cliplens-demo)")
-    p.add_argument("--limit", type=positive_int, default=None)
+    p.add_argument("--limit", type=positive_int, default=None, help="index only the first N test images (default all)")
+    p.add_argument("--rebuild", action="store_true",
+                   help="replace a complete index built with other settings (weights, dtype, limit, precision)")
     p.add_argument("--batch-size", type=positive_int, default=None,
                    help="images per batch (default: chosen by a quick probe of the model and device)")
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     add_model_flags(p)
     p.set_defaults(handler=cmd_demo)
 

@@ -233,13 +233,15 @@ def register(sub) -> None:
     p.add_argument("--eval-index-dir", type=Path, required=True, help="the labelled TEST index (same model)")
     p.add_argument("--limit-per-class", type=_positive, default=None, help="use at most N train images per class")
     p.add_argument("--templates", default="cifar100", metavar="NAME|FILE", help="zero-shot templates (default cifar100)")
-    p.add_argument("--classnames", default="english", choices=["english", "raw"])
-    p.add_argument("--ensemble", default="normalize-first", choices=["normalize-first", "average-first"])
+    p.add_argument("--classnames", default="english", choices=["english", "raw"],
+                   help="class names in the zero-shot prompts: english (aquarium fish) or raw (aquarium_fish)")
+    p.add_argument("--ensemble", default="normalize-first", choices=["normalize-first", "average-first"],
+                   help="prompt ensembling: normalise each prompt embedding before averaging, or after")
     p.add_argument("--cs", type=_floats, default=(0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0),
                    help="C values of the coarse sweep, comma-separated")
     p.add_argument("--val-fraction", type=float, default=0.2, help="share of each class's train images held out")
     p.add_argument("--tol", type=float, default=1e-4, help="L-BFGS stopping tolerance (scikit-learn's default 1e-4)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
     p.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot comparison (no model is loaded)")
     p.add_argument("--json", type=Path, default=None, help="write every number to this JSON file")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")

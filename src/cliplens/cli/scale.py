@@ -118,15 +118,26 @@ def engine_embed_fn(args):
     return RayEngine(RayOptions(address=args.ray_address, actors=args.ray_actors)).embed_into
 
 
-def backend_label(args, index) -> str:
-    """A short name for the backend ``open_backend`` returned, e.g. "faiss HNSW32 (efSearch 64)"."""
+def backend_settings(args, index) -> dict:
+    """What ranked the hits, for ``search --json``: the backend's name and, for approximate ones, its settings."""
     name = (getattr(args, "backend", None) or "exact").lower()
     if name == "faiss":
-        knobs = ", ".join(f"{k} {v}" for k, v in (("efSearch", args.ef_search), ("nprobe", args.nprobe)) if v)
-        return f"faiss {index.factory}" + (f" ({knobs})" if knobs else "")
+        knobs = {"ef_search": args.ef_search, "nprobe": args.nprobe}
+        return {"name": "faiss", "index": index.factory, **{k: v for k, v in knobs.items() if v}}
     if name == "milvus":
-        return f"milvus {index.collection}"
-    return "exact"
+        return {"name": "milvus", "collection": index.collection}
+    return {"name": "exact"}
+
+
+def backend_label(args, index) -> str:
+    """A short name for the backend ``open_backend`` returned, e.g. "faiss HNSW32 (efSearch 64)"."""
+    settings = backend_settings(args, index)
+    name = settings.pop("name")
+    if name == "faiss":
+        words = {"ef_search": "efSearch", "nprobe": "nprobe"}
+        knobs = ", ".join(f"{words[k]} {v}" for k, v in settings.items() if k in words)
+        return f"faiss {settings['index']}" + (f" ({knobs})" if knobs else "")
+    return " ".join([name, *map(str, settings.values())])
 
 
 def describe_backend(store, args, index) -> str:

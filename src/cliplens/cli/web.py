@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from cliplens.errors import CliplensError
+from cliplens.errors import CliplensError, IndexExistsError
 
 log = logging.getLogger(__name__)
 
@@ -27,8 +27,11 @@ def cmd_index_folder(args, *, embed_fn=None) -> int:
     index_dir = args.index_dir or default_index_dir(f"folder-{root.resolve().name or 'root'}")
     options = FolderIndexOptions(exclude=tuple(args.exclude), include_hidden=args.include_hidden,
                                  max_megapixels=args.max_megapixels, batch_size=args.batch_size, dtype=args.dtype,
-                                 progress=not args.quiet)
-    summary = index_folder(root, load_model(args), index_dir, options=options, embed_fn=embed_fn)
+                                 progress=not args.quiet, rebuild=args.rebuild)
+    try:
+        summary = index_folder(root, load_model(args), index_dir, options=options, embed_fn=embed_fn)
+    except IndexExistsError as exc:
+        raise CliplensError(f"{exc}: pass --rebuild to re-embed it, or give another --index-dir") from None
     print(f"{root}: {summary.line()}")
     return 0
 

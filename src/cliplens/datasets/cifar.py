@@ -274,3 +274,24 @@ def _from_archive(source: str, archive: Path, *, verify: bool) -> tuple[Path, st
     if verify and md5 != expected:
         raise checksum_error(str(archive), md5, expected)
     return _download.extract(archive, layout.folder, archive.parent), md5
+
+
+def missing_data(name: str, data_dir: str | Path | None) -> str | None:
+    """A one-line description when the data set is neither on disk nor downloadable right now, else None.
+
+    On disk means where :func:`load_cifar` looks (the extracted folder or the archive); downloadable means the
+    official host answers a TCP connect within a few seconds. Lets ``demo`` name every missing input at once.
+    """
+    from cliplens import _hub
+
+    source = _canonical_name(name)
+    layout = CIFAR_LAYOUTS[source]
+    root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    for place in (root, root / layout.folder, root / layout.archive, root.parent / layout.folder):
+        if place.is_file() or (place.is_dir() and (place.name == layout.folder or (place / layout.meta_file).is_file())):
+            return None
+    if _hub.reachable(CIFAR_URLS[source]):
+        return None
+    return (f"{layout.title} is not in {root} and {CIFAR_URLS[source].split('/')[2]} cannot be reached: "
+            f"on a connected machine download {CIFAR_URLS[source]} and put {layout.archive} in {root} "
+            "(or pass --data-dir)")

@@ -43,12 +43,32 @@ def default_collection(store) -> str:
     return f"cliplens_{slug}"[:_NAME_LEN]
 
 
+class _DropUnimplemented(logging.Filter):
+    """Milvus Lite serves pymilvus in-process over gRPC and does not implement every method pymilvus probes
+    (``AllocTimestamp``); the client falls back by itself, but grpc logs each probe as an ERROR with a traceback.
+    Only those records are dropped: any other gRPC server error is still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(exc, NotImplementedError) and "Method not implemented" in str(exc))
+
+
+def _quiet_grpc_server() -> None:
+    # gRPC's C core writes its own log lines to stderr (keepalive "too_many_pings" GOAWAYs from Milvus Lite under
+    # load); errors that matter reach us as exceptions. A user who wants them sets GRPC_VERBOSITY themselves.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    grpc_log = logging.getLogger("grpc._server")
+    if not any(isinstance(f, _DropUnimplemented) for f in grpc_log.filters):
+        grpc_log.addFilter(_DropUnimplemented())
+
+
 def connect(store, *, uri: str | None = None, timeout: float = 10.0):
     """A MilvusClient for ``uri`` (a server) or for the Lite file inside the index folder; returns (client, uri)."""
     try:
         from pymilvus import MilvusClient
     except ImportError:
         raise BackendError("the milvus backend needs pymilvus: pip install 'cliplens[milvus]'") from None
+    _quiet_grpc_server()
     token = ""
     if uri:
         token = os.environ.get(TOKEN_ENV, "")
