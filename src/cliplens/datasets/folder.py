@@ -10,16 +10,20 @@ carry on.
 
 from __future__ import annotations
 
+import errno
 import fnmatch
 import hashlib
 import json
 import logging
 import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Iterator, Sequence
 from typing import BinaryIO, Iterable
 
+from cliplens._safe import MAX_JSON_DEPTH, has_control, json_depth
 from cliplens.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -59,13 +63,21 @@ def _excluded(rel: str, name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def walk_folder(root: str | Path, *, exclude: Iterable[str] = (), include_hidden: bool = False) -> list[FolderFile]:
+def display_name(rel: str) -> str:
+    """``rel`` as valid Unicode: bytes that are not UTF-8 (kept by os.walk as surrogates) become ``\\xNN``."""
+    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def walk_folder(root: str | Path, *, exclude: Iterable[str] = (), include_hidden: bool = False,
+                skipped: list[tuple[str, str]] | None = None) -> list[FolderFile]:
     """Every image file under ``root`` (recursive, sorted by relative path).
 
     Hidden files and folders (names starting with ".") are skipped unless ``include_hidden``; ``exclude``
     globs are matched against the relative path and the file or folder name. Symbolic links to folders are
     not followed; a linked file is kept only when it resolves to a file inside ``root``, so an index never
-    points outside the folder it was built from.
+    points outside the folder it was built from. Image files that cannot be used (a link loop, a link out of
+    the folder, a name that is not valid UTF-8, a file gone before its ``stat``) are appended to ``skipped``
+    as (printable relative path, reason) when a list is given.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -93,15 +105,26 @@ def walk_folder(root: str | Path, *, exclude: Iterable[str] = (), include_hidden
             if _excluded(rel, name, patterns):
                 continue
             path = Path(dirpath) / name
+            reason = None
             try:
-                if path.is_symlink() and not path.resolve().is_relative_to(real_root):
-                    log.warning("%s links outside %s; skipped", rel, root)
-                    continue
-                st = path.stat()
-            except OSError as exc:
-                log.warning("cannot stat %s (%s); skipped", rel, exc.strerror)
-                continue
-            if not os.path.isfile(path):
+                rel.encode("utf-8")
+                if path.is_symlink() and not path.resolve(strict=True).is_relative_to(real_root):
+                    reason = "a link to outside the folder"
+                else:
+                    st = path.stat()
+                    if not stat.S_ISREG(st.st_mode):
+                        continue  # a folder, FIFO or device named like an image: not an image file
+            except UnicodeEncodeError:
+                reason = "the name is not valid UTF-8 (rename the file)"
+            except RuntimeError:  # Python < 3.13: resolve() raises this for a link loop
+                reason = "a symbolic link loop"
+            except OSError as exc:  # ELOOP, ENOENT (gone, or a dangling link), EACCES...
+                reason = f"cannot stat ({exc.strerror or type(exc).__name__})"
+            if reason is not None:
+                if skipped is None:
+                    log.warning("%s: %s; skipped", display_name(rel), reason)
+                else:  # the caller reports it with the other skipped files
+                    skipped.append((display_name(rel), reason))
                 continue
             out.append(FolderFile(rel=rel, size=st.st_size, mtime_ns=st.st_mtime_ns))
     out.sort(key=lambda f: f.rel)
@@ -119,9 +142,31 @@ def safe_join(root: str | Path, rel: str) -> Path:
     return path
 
 
-def sha256_file(path: str | Path) -> str:
+def open_regular(path: str | Path, *, root: str | Path | None = None, max_bytes: int | None = None) -> BinaryIO:
+    """Open ``path`` for reading only if it is (still) a regular file, inside ``root`` when given.
+
+    Checked on the open file itself, so a file swapped for a FIFO, a folder or a link out of ``root`` between
+    listing and reading is refused (OSError) instead of blocking, crashing or reading something else.
+    """
+    path = Path(path)
+    if root is not None and not os.path.realpath(path).startswith(os.path.realpath(root) + os.sep):
+        raise OSError(errno.EPERM, "links to outside the folder", str(path))
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise OSError(errno.EFBIG, f"over {max_bytes} bytes", str(path))
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def sha256_file(path: str | Path, *, root: str | Path | None = None) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, root=root) as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
@@ -182,8 +227,13 @@ def _check_pixels(w: int, h: int, max_pixels: int) -> None:
         raise ImageTooLarge(f"{w}x{h} is {w * h / 1e6:.1f} megapixels, over the limit of {max_pixels / 1e6:g}")
 
 
-def decode_image(source: str | Path | BinaryIO, *, max_pixels: int):
+def decode_image(source: str | Path | BinaryIO, *, max_pixels: int, reduce_to: int | None = None):
     """Decode one image to an RGB PIL image: first frame, EXIF orientation applied, transparency on white.
+
+    ``reduce_to`` (for previews, never for embedding: it changes pixels): decode a JPEG at the smallest DCT
+    scale (1/2, 1/4, 1/8) that keeps both sides at least ``reduce_to`` px, so a 9000 x 9000 photo costs
+    1125 x 1125 pixels of memory instead of 81 million. Other formats decode at full size (within the pixel
+    limit) and are shrunk right after.
 
     Raises ImageTooLarge (checked on the header, before decoding) or ImageSkipped; never anything else for a
     bad file.
@@ -196,7 +246,11 @@ def decode_image(source: str | Path | BinaryIO, *, max_pixels: int):
         _check_pixels(w, h, max_pixels)
         if getattr(opened, "n_frames", 1) > 1:
             opened.seek(0)  # animated GIF/WebP, multi-page TIFF: the first frame
+        if reduce_to is not None and opened.format in ("JPEG", "MPO"):
+            opened.draft("RGB", (reduce_to, reduce_to))  # square request: the same whatever the EXIF rotation
         opened.load()
+        if reduce_to is not None and min(opened.size) >= 2 * reduce_to:  # PNG, WebP...: box-reduce at once
+            opened = opened.reduce(min(opened.size) // reduce_to)
         upright = ImageOps.exif_transpose(opened)  # a copy with the orientation tag applied (and removed)
         return to_rgb(upright)
     except ImageSkipped:
@@ -229,7 +283,15 @@ def to_rgb(im):
 
 
 class FolderSource:
-    """BatchSource over image files; a file that fails to decode gets a blank stand-in and is recorded."""
+    """BatchSource over image files; a file that fails to decode gets a blank stand-in and is recorded.
+
+    ``load`` returns a :class:`DecodedImages` sequence that decodes while it is iterated, one file at a time,
+    and frees each full-size image when the next one is asked for: the preprocessing that consumes it keeps
+    only 224 x 224 pixels per image. Memory per decoding thread is therefore one full-size image (3 bytes a
+    pixel for RGB, up to about 8 during an RGBA or EXIF-rotation conversion), however large the batch; the
+    pixel limit bounds that image. The decode is full size because the exact path must equal open_clip's
+    transform (a bicubic resize of the whole image); JPEG draft decoding would change the pixels.
+    """
 
     def __init__(self, root: Path, rels: list[str], *, max_pixels: int):
         self.root, self.rels, self.max_pixels = root, rels, max_pixels
@@ -238,62 +300,118 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.rels)
 
-    def load(self, start: int, stop: int) -> list:
-        from PIL import Image
-
+    def load(self, start: int, stop: int) -> "DecodedImages":
         if not self.root.is_dir():  # e.g. a Ray worker on another machine, without the folder at this path
             import socket
 
             raise DatasetError(f"the image folder {self.root} is not readable on {socket.gethostname()}: with "
                                "--engine ray on a cluster, every node must see the folder at the same path")
         allow_pixels(self.max_pixels)  # PIL's guard is per process: a Ray worker's is still at PIL's default
-        out = []
-        for i in range(start, stop):
-            try:
-                out.append(decode_image(self.root / self.rels[i], max_pixels=self.max_pixels))
-            except ImageSkipped as exc:
-                self.failed[i] = exc.reason
-                out.append(Image.new("RGB", (8, 8)))  # the indexer drops its row
-        return out
+        return DecodedImages(self, range(start, stop))
+
+    def decode(self, i: int):
+        """Image ``i`` as RGB, or an 8 x 8 black stand-in (the indexer drops its row) with the reason recorded."""
+        from PIL import Image
+
+        try:
+            with open_regular(self.root / self.rels[i], root=self.root) as f:
+                return decode_image(f, max_pixels=self.max_pixels)
+        except ImageSkipped as exc:
+            self.failed[i] = exc.reason
+        except OSError as exc:  # gone, swapped for a FIFO or a link out of the folder since it was listed
+            self.failed[i] = f"cannot read ({exc.strerror or type(exc).__name__})"
+        return Image.new("RGB", (8, 8))
+
+
+class DecodedImages(Sequence):
+    """Images of a FolderSource, decoded on demand; iterating closes each image when the next is decoded."""
+
+    def __init__(self, source: FolderSource, rows: range):
+        self.source, self.rows = source, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        return self.source.decode(self.rows[k])
+
+    def __iter__(self) -> Iterator:
+        previous = None
+        for i in self.rows:
+            if previous is not None:
+                previous.close()  # its pixels were consumed: release them before the next full-size decode
+            previous = self.source.decode(i)
+            yield previous
 
 
 # --------------------------------------------------------------------------- sidecars
 
 
-def read_sidecar(image_path: str | Path) -> tuple[str | None, str | None]:
+def read_sidecar(image_path: str | Path, *, root: str | Path | None = None) -> tuple[str | None, str | None]:
     """(caption, metadata JSON text) from ``photo.txt``/``photo.json`` or ``photo.jpg.txt``/``photo.jpg.json``.
 
     A ``.txt`` sidecar is the caption. A ``.json`` sidecar is kept whole as metadata, and its "caption"
-    (or "title" or "description") string becomes the caption when there is no ``.txt``. Unreadable or
-    oversized sidecars are ignored with a warning: a caption is never worth failing an image for.
+    (or "title" or "description") string becomes the caption when there is no ``.txt``. Sidecars follow the
+    images' rules: a symbolic link is read only when it resolves inside ``root`` (never, without a root), a
+    FIFO or device is never opened, and a file over SIDECAR_MAX_BYTES, not UTF-8, holding control characters
+    (binary content), or JSON nested deeper than MAX_JSON_DEPTH is ignored with a warning: a caption is never
+    worth failing an image for, and never shows the contents of a file outside the folder.
     """
     p = Path(image_path)
     caption = meta = None
     for suffix in (".txt", ".json"):
         for cand in (p.with_suffix(suffix), p.with_name(p.name + suffix)):
-            try:
-                if not cand.is_file():
-                    continue
-                if cand.stat().st_size > SIDECAR_MAX_BYTES:
-                    log.warning("sidecar %s is over %d bytes; ignored", cand.name, SIDECAR_MAX_BYTES)
-                    continue
-                text = cand.read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                log.warning("cannot read sidecar %s (%s); ignored", cand, type(exc).__name__)
+            if not os.path.lexists(cand):
                 continue
+            text = _read_sidecar_text(cand, root)
+            if text is None:
+                break  # present but refused: the other spelling does not stand in for it
             if suffix == ".txt":
                 caption = caption or text or None
             else:
-                try:
-                    obj = json.loads(text)
-                except ValueError:
-                    log.warning("sidecar %s is not valid JSON; ignored", cand)
-                    continue
-                meta = json.dumps(obj, sort_keys=True, ensure_ascii=False)
-                if isinstance(obj, dict) and caption is None:
-                    for key in ("caption", "title", "description"):
-                        if isinstance(obj.get(key), str) and obj[key].strip():
-                            caption = obj[key].strip()
-                            break
+                meta, from_json = _sidecar_json(cand, text)
+                if caption is None:
+                    caption = from_json
             break  # the first existing sidecar of each kind wins
     return caption, meta
+
+
+def _read_sidecar_text(cand: Path, root: str | Path | None) -> str | None:
+    name = display_name(cand.name)
+    if cand.is_symlink() and root is None:
+        log.warning("sidecar %s is a symbolic link; ignored", name)
+        return None
+    try:
+        with open_regular(cand, root=root, max_bytes=SIDECAR_MAX_BYTES) as f:
+            data = f.read(SIDECAR_MAX_BYTES + 1)
+        text = data.decode("utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        log.warning("cannot use sidecar %s (%s); ignored", name, why)
+        return None
+    if len(data) > SIDECAR_MAX_BYTES or has_control(text):
+        log.warning("sidecar %s is %s; ignored", name, "too large" if len(data) > SIDECAR_MAX_BYTES else "not text")
+        return None
+    return text
+
+
+def _sidecar_json(cand: Path, text: str) -> tuple[str | None, str | None]:
+    """(metadata JSON text, caption from it) of a .json sidecar's text; (None, None) when it is not usable."""
+    name = display_name(cand.name)
+    if json_depth(text) > MAX_JSON_DEPTH:
+        log.warning("sidecar %s nests deeper than %d levels; ignored", name, MAX_JSON_DEPTH)
+        return None, None
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        log.warning("sidecar %s is not valid JSON; ignored", name)
+        return None, None
+    meta = json.dumps(obj, sort_keys=True, ensure_ascii=False)
+    if isinstance(obj, dict):
+        for key in ("caption", "title", "description"):
+            value = obj.get(key)
+            if isinstance(value, str) and value.strip() and not has_control(value):
+                return meta, value.strip()
+    return meta, None
