@@ -57,6 +57,7 @@ class FolderIndexOptions:
     dtype: str = "float32"
     workers: int = 2  # decoding threads
     progress: bool = True
+    replace_other: bool = False  # an index of another kind (CIFAR) in index_dir is replaced instead of refused
 
     @property
     def max_pixels(self) -> int:
@@ -124,7 +125,7 @@ class _Plan:
     skipped: list = field(default_factory=list)  # (rel, reason)
 
 
-def _previous(index_dir: Path, info):
+def _previous(index_dir: Path, info, replace_other: bool = False):
     """The existing folder index in ``index_dir`` if its vectors can be reused with this model, else None."""
     if not (index_dir / MANIFEST).is_file():
         return None
@@ -135,6 +136,8 @@ def _previous(index_dir: Path, info):
         return None
     source = store.manifest.get("source", {})
     if source.get("type") != "folder":
+        if replace_other:
+            return None
         raise DatasetError(f"{index_dir} holds a {source.get('name', 'non-folder')} index, not a folder index: "
                            "choose another --index-dir")
     built = store.manifest["model"]
@@ -203,7 +206,7 @@ def index_folder(root: str | Path, encoder, index_dir: str | Path, *,
     allow_pixels(options.max_pixels)
     unusable: list[tuple[str, str]] = []  # link loops, links out, names that are not UTF-8: counted as skipped
     files = walk_folder(root, exclude=options.exclude, include_hidden=options.include_hidden, skipped=unusable)
-    prev = _previous(index_dir, info)
+    prev = _previous(index_dir, info, options.replace_other)
     plan = _plan(root, files, prev, options)
     plan.skipped += unusable
 

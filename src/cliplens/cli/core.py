@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from cliplens._files import cliplens_home
+from cliplens._safe import printable
 from cliplens.errors import CliplensError, QueryError
 
 CASE_STUDIES = ("tractor", "tulip", "seal", "telephone")  # CIFAR-100 classes 89, 92, 72, 86
@@ -60,6 +61,31 @@ def positive_int(text: str) -> int:
     return value
 
 
+def cosine_float(text: str) -> float:
+    """A cosine similarity from the command line: a finite number in -1..1 (so not "nan", which drops nothing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from -1 to 1, got {text!r}") from None
+    if not -1.0 <= value <= 1.0:  # False for nan as well
+        raise argparse.ArgumentTypeError(f"must be a number from -1 to 1, got {text!r}")
+    return value
+
+
+def check_index_kind(index_dir: Path, *, folder: bool, force: bool) -> None:
+    """Refuse to write a CIFAR index over a folder index (or the reverse) unless ``--force``."""
+    from cliplens.store import MANIFEST
+
+    try:
+        source = json.loads((Path(index_dir) / MANIFEST).read_text()).get("source") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # nothing there (or unreadable: the store says so when it opens it)
+    is_folder = source.get("type") == "folder"
+    if is_folder != folder and not force:
+        held = "an image-folder index" if is_folder else f"a {source.get('name', 'CIFAR')} index"
+        raise CliplensError(f"{index_dir} holds {held}: choose another --index-dir, or pass --force to replace it")
+
+
 # --------------------------------------------------------------------------- index
 
 
@@ -74,6 +100,9 @@ def cmd_index(args) -> int:
         raise CliplensError(f"unknown source {args.source!r}: use cifar100, cifar10 or the path of an image folder")
     check_build_flags(args)  # bad build settings or an unreachable Ray: said now, not after the embedding
     embed_fn = engine_embed_fn(args)
+    default_dir = default_index_dir(f"folder-{Path(args.source).expanduser().resolve().name or 'root'}" if is_folder
+                                    else f"{source.replace('-', '')}-{args.split}")
+    check_index_kind(args.index_dir or default_dir, folder=is_folder, force=args.force)
     if is_folder:  # an image folder: incremental indexing
         from cliplens.cli.web import cmd_index_folder
 
@@ -130,14 +159,14 @@ def cmd_search(args) -> int:
 
 def format_result(result, searcher) -> str:
     m = searcher.store.manifest["model"]
-    lines = [f'query "{result.query}" -> prompt "{result.prompt}"  '
+    lines = [f'query "{printable(result.query)}" -> prompt "{printable(result.prompt)}"  '
              f"({model_label(m)}, {len(searcher.store)} images)"]
     labelled = searcher.store.has_labels
     header = f"{'rank':>4}  {'score':>6}  {'id':>6}  " + (f"{'label':<22}{'superclass'}" if labelled else "ref")
     lines.append(header)
     for h in result.hits:
         mark = {True: " ✓", False: " ✗", None: ""}[h.match]
-        tail = f"{(h.label or '') + mark:<22}{h.superclass or ''}" if labelled else h.ref
+        tail = f"{printable(h.label or '') + mark:<22}{h.superclass or ''}" if labelled else printable(h.ref)
         lines.append(f"{h.rank:>4}  {h.score:6.4f}  {h.id:>6}  {tail}")
     if result.precision_at_k is not None:
         lines.append(f'precision@{len(result.hits)} for class "{result.query_class}": {result.precision_at_k:.2f}')
@@ -254,6 +283,8 @@ def register(sub) -> None:
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="folders: skip matching paths (repeatable)")
     p.add_argument("--include-hidden", action="store_true", help="folders: also index hidden files and folders")
     p.add_argument("--max-megapixels", type=float, default=100.0, help="folders: skip larger images (default 100)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an index of the other kind (CIFAR over a folder index, or the reverse) in --index-dir")
     add_model_flags(p)
     add_backend_flags(p)
     add_build_flags(p)
@@ -267,7 +298,7 @@ def register(sub) -> None:
     p.add_argument("--similar", action="append", default=[], type=int, metavar="ID", help="more like item ID")
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                    help="filter: label=..., superclass=..., path=GLOB, caption=... (repeatable)")
-    p.add_argument("--min-score", type=float, default=None, help="drop hits below this cosine similarity")
+    p.add_argument("--min-score", type=cosine_float, default=None, help="drop hits below this cosine similarity (-1..1)")
     p.add_argument("--index-dir", type=Path, default=None)
     p.add_argument("-k", type=int, default=10, help="number of results (1..N)")
     p.add_argument("--template", "--templates", default="a photo of a {}.", metavar="TEMPLATE|SET",

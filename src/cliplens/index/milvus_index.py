@@ -43,6 +43,18 @@ def default_collection(store) -> str:
     return f"cliplens_{slug}"[:_NAME_LEN]
 
 
+_VALID_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_collection_name(name: str) -> str:
+    """``name`` if Milvus accepts it as a collection name (a letter or _, then letters, digits, _; at most 255)."""
+    if not isinstance(name, str) or len(name) > _NAME_LEN or not _VALID_NAME.fullmatch(name):
+        shown = name[:40] + "..." if isinstance(name, str) and len(name) > 40 else name
+        raise BackendError(f"{shown!r} is not a valid Milvus collection name: use letters, digits and _ (starting "
+                           f"with a letter or _), at most {_NAME_LEN} characters")
+    return name
+
+
 def connect(store, *, uri: str | None = None, timeout: float = 10.0):
     """A MilvusClient for ``uri`` (a server) or for the Lite file inside the index folder; returns (client, uri)."""
     try:
@@ -92,8 +104,8 @@ class MilvusIndex:
         from pymilvus import DataType, MilvusClient
         from tqdm import tqdm
 
+        name = check_collection_name(collection) if collection else default_collection(store)
         client, uri = connect(store, uri=uri, timeout=timeout)
-        name = collection or default_collection(store)
         n, dim = len(store), store.dim
         fields = [c for c in (*_LABEL_FIELDS, *_TEXT_FIELDS) if c in store.items]
         if client.has_collection(name):
@@ -134,8 +146,8 @@ class MilvusIndex:
     @classmethod
     def open(cls, store, *, uri: str | None = None, collection: str | None = None, timeout: float = 10.0,
              search_params: dict | None = None) -> "MilvusIndex":
+        name = check_collection_name(collection) if collection else default_collection(store)
         client, uri = connect(store, uri=uri, timeout=timeout)
-        name = collection or default_collection(store)
         if not client.has_collection(name):
             raise BackendError(f"no Milvus collection {name!r} at {uri}: build it with {_hint(store)}")
         key = (client.describe_collection(name).get("properties") or {}).get(STORE_PROPERTY)
