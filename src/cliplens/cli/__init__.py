@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
     for handler in logging.getLogger().handlers:  # file names in warnings: no terminal control characters
-        handler.setFormatter(_PrintableFormatter(handler.formatter))
+        if getattr(handler, "stream", None) is sys.stderr and not isinstance(handler.formatter, _PrintableFormatter):
+            handler.setFormatter(_PrintableFormatter(handler.formatter))
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2

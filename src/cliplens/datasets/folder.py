@@ -32,7 +32,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".
 # PIL plugins allowed to open a file: the formats above (MPO: multi-picture camera JPEGs, in older Pillows).
 PIL_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 DEFAULT_MAX_MEGAPIXELS = 100.0
-SIDECAR_MAX_BYTES = 1 << 20  # a caption file larger than 1 MiB is not a caption
+SIDECAR_MAX_BYTES = 1 << 20
+_ORIENTATION = 0x0112  # the EXIF orientation tag  # a caption file larger than 1 MiB is not a caption
 _CHUNK = 1 << 20
 
 
@@ -113,7 +114,7 @@ def walk_folder(root: str | Path, *, exclude: Iterable[str] = (), include_hidden
                 else:
                     st = path.stat()
                     if not stat.S_ISREG(st.st_mode):
-                        continue  # a folder, FIFO or device named like an image: not an image file
+                        reason = "not a regular file (a FIFO, socket or device)"
             except UnicodeEncodeError:
                 reason = "the name is not valid UTF-8 (rename the file)"
             except RuntimeError:  # Python < 3.13: resolve() raises this for a link loop
@@ -249,16 +250,22 @@ def decode_image(source: str | Path | BinaryIO, *, max_pixels: int, reduce_to: i
         if reduce_to is not None and opened.format in ("JPEG", "MPO"):
             opened.draft("RGB", (reduce_to, reduce_to))  # square request: the same whatever the EXIF rotation
         opened.load()
-        if reduce_to is not None and min(opened.size) >= 2 * reduce_to:  # PNG, WebP...: box-reduce at once
-            opened = opened.reduce(min(opened.size) // reduce_to)
-        upright = ImageOps.exif_transpose(opened)  # a copy with the orientation tag applied (and removed)
-        return to_rgb(upright)
+        im = opened
+        if reduce_to is not None and min(im.size) >= 2 * reduce_to:  # PNG, WebP...: box-reduce at once
+            im = im.reduce(min(im.size) // reduce_to)
+        if im.getexif().get(_ORIENTATION, 1) not in (1, None):
+            im = ImageOps.exif_transpose(im)  # a rotated copy (without the tag); only when there is a rotation
+        rgb = to_rgb(im)  # itself when already RGB: no second full-size copy
+        for used in (opened, im):
+            if used is not rgb:
+                used.close()  # the pixels live on in ``rgb``; free the rest now, not at garbage collection
+        return rgb
     except ImageSkipped:
+        opened.close()
         raise
     except Exception as exc:  # truncated data ("image file is truncated"), broken chunks, bad EXIF...
-        raise ImageSkipped(f"cannot decode ({type(exc).__name__}: {exc})") from None
-    finally:
         opened.close()
+        raise ImageSkipped(f"cannot decode ({type(exc).__name__}: {exc})") from None
 
 
 def to_rgb(im):
