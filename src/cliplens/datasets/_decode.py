@@ -108,7 +108,15 @@ def fine_to_coarse(
 def _labels(batch: dict, key: bytes, n: int, num_names: int, path: Path) -> np.ndarray:
     if key not in batch:
         raise DatasetError(f"{path}: no {key!r} in the pickle; is it a CIFAR batch of this data set?")
-    values = np.asarray(batch[key])
+    raw = batch[key]
+    if isinstance(raw, (list, tuple)):  # the real files: a list of ints; anything nested or odd is refused here
+        if not all(type(v) is int and -(2**63) <= v < 2**63 for v in raw):
+            raise DatasetError(f"{path}: {key!r} should be {n} integers, found other values in the list")
+        values = np.array(raw, dtype=np.int64)
+    elif isinstance(raw, np.ndarray):
+        values = raw
+    else:
+        raise DatasetError(f"{path}: {key!r} should be {n} integers, found {type(raw).__name__}")
     if values.size == 0:
         values = values.astype(np.int64)
     if values.ndim != 1 or len(values) != n or values.dtype.kind not in "iu":

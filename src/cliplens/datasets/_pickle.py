@@ -13,6 +13,7 @@ import _codecs
 import io
 import math
 import pickle
+import pickletools
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,11 @@ class _CheckedArray(np.ndarray):
     is_fortran, raw_bytes))``. numpy would trust ``shape`` and ``dtype``; here the bytes present must be exactly
     what they declare, computed in Python integers (no overflow), before anything is allocated.
     """
+
+    def __new__(cls, *args, **kwargs):
+        # ndarray(shape, dtype, buffer, offset, strides) called by the pickle itself: a 3 KB buffer seen through
+        # zero or negative strides as gigabytes. Only _reconstruct (which does not call __new__) builds these.
+        raise _Refused("an array constructed in an unusual way")
 
     def __setstate__(self, state):
         if not isinstance(state, tuple) or len(state) not in (4, 5) or (len(state) == 5 and state[0] != 1):
@@ -134,6 +140,10 @@ def safe_load_pickle(path: str | Path) -> dict:
         # From memory, not the file: a length field claiming gigabytes then reads what is there, and fails
         with path.open("rb") as f:
             data = f.read(MAX_PICKLE_BYTES + 1)
+        # Every length field checked against the bytes present first (pickletools reads what is there): the C
+        # unpickler allocates whatever a BINBYTES8 or BINUNICODE8 claims, a terabyte included, before reading it.
+        for _ in pickletools.genops(io.BytesIO(data)):
+            pass
         obj = _plain(_RestrictedUnpickler(io.BytesIO(data), name=str(path)).load())
     except CliplensError:
         raise
