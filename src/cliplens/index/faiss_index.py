@@ -84,6 +84,8 @@ class FaissIndex:
         from tqdm import tqdm
 
         n, dim = len(store), store.dim
+        for knob, key in (("efSearch", "ef_search"), ("nprobe", "nprobe")):  # said now, not after the build
+            check_search_knob(knob, search_options.get(key))
         index = _make(factory, dim, n)
         hnsw = _find_hnsw(index)
         if ef_construction is not None:
