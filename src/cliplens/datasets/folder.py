@@ -10,20 +10,19 @@ carry on.
 
 from __future__ import annotations
 
-import errno
 import fnmatch
 import hashlib
-import json
 import logging
 import os
 import stat
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Iterator, Sequence
 from typing import BinaryIO, Iterable
 
-from cliplens._safe import MAX_JSON_DEPTH, has_control, json_depth
+from cliplens.datasets._fs import display_name, open_regular
+from cliplens.datasets.sidecars import SIDECAR_MAX_BYTES, read_sidecar  # noqa: F401 (re-exported)
 from cliplens.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -62,11 +61,6 @@ class FolderFile:
 def _excluded(rel: str, name: str, patterns: tuple[str, ...]) -> bool:
     # A pattern matches the relative path ("raw/*", "*.png") or the bare name ("Thumbs.db", "*_small.jpg").
     return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
-
-
-def display_name(rel: str) -> str:
-    """``rel`` as valid Unicode: bytes that are not UTF-8 (kept by os.walk as surrogates) become ``\\xNN``."""
-    return rel.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def walk_folder(root: str | Path, *, exclude: Iterable[str] = (), include_hidden: bool = False,
@@ -141,28 +135,6 @@ def safe_join(root: str | Path, rel: str) -> Path:
     if not path.is_relative_to(root_real) or path == root_real:
         raise DatasetError(f"refusing path {rel!r}: it leaves the indexed folder")
     return path
-
-
-def open_regular(path: str | Path, *, root: str | Path | None = None, max_bytes: int | None = None) -> BinaryIO:
-    """Open ``path`` for reading only if it is (still) a regular file, inside ``root`` when given.
-
-    Checked on the open file itself, so a file swapped for a FIFO, a folder or a link out of ``root`` between
-    listing and reading is refused (OSError) instead of blocking, crashing or reading something else.
-    """
-    path = Path(path)
-    if root is not None and not os.path.realpath(path).startswith(os.path.realpath(root) + os.sep):
-        raise OSError(errno.EPERM, "links to outside the folder", str(path))
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise OSError(errno.EINVAL, "not a regular file", str(path))
-        if max_bytes is not None and st.st_size > max_bytes:
-            raise OSError(errno.EFBIG, f"over {max_bytes} bytes", str(path))
-        return os.fdopen(fd, "rb")
-    except BaseException:
-        os.close(fd)
-        raise
 
 
 def sha256_file(path: str | Path, *, root: str | Path | None = None) -> str:
@@ -351,74 +323,3 @@ class DecodedImages(Sequence):
                 previous.close()  # its pixels were consumed: release them before the next full-size decode
             previous = self.source.decode(i)
             yield previous
-
-
-# --------------------------------------------------------------------------- sidecars
-
-
-def read_sidecar(image_path: str | Path, *, root: str | Path | None = None) -> tuple[str | None, str | None]:
-    """(caption, metadata JSON text) from ``photo.txt``/``photo.json`` or ``photo.jpg.txt``/``photo.jpg.json``.
-
-    A ``.txt`` sidecar is the caption. A ``.json`` sidecar is kept whole as metadata, and its "caption"
-    (or "title" or "description") string becomes the caption when there is no ``.txt``. Sidecars follow the
-    images' rules: a symbolic link is read only when it resolves inside ``root`` (never, without a root), a
-    FIFO or device is never opened, and a file over SIDECAR_MAX_BYTES, not UTF-8, holding control characters
-    (binary content), or JSON nested deeper than MAX_JSON_DEPTH is ignored with a warning: a caption is never
-    worth failing an image for, and never shows the contents of a file outside the folder.
-    """
-    p = Path(image_path)
-    caption = meta = None
-    for suffix in (".txt", ".json"):
-        for cand in (p.with_suffix(suffix), p.with_name(p.name + suffix)):
-            if not os.path.lexists(cand):
-                continue
-            text = _read_sidecar_text(cand, root)
-            if text is None:
-                break  # present but refused: the other spelling does not stand in for it
-            if suffix == ".txt":
-                caption = caption or text or None
-            else:
-                meta, from_json = _sidecar_json(cand, text)
-                if caption is None:
-                    caption = from_json
-            break  # the first existing sidecar of each kind wins
-    return caption, meta
-
-
-def _read_sidecar_text(cand: Path, root: str | Path | None) -> str | None:
-    name = display_name(cand.name)
-    if cand.is_symlink() and root is None:
-        log.warning("sidecar %s is a symbolic link; ignored", name)
-        return None
-    try:
-        with open_regular(cand, root=root, max_bytes=SIDECAR_MAX_BYTES) as f:
-            data = f.read(SIDECAR_MAX_BYTES + 1)
-        text = data.decode("utf-8").strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        log.warning("cannot use sidecar %s (%s); ignored", name, why)
-        return None
-    if len(data) > SIDECAR_MAX_BYTES or has_control(text):
-        log.warning("sidecar %s is %s; ignored", name, "too large" if len(data) > SIDECAR_MAX_BYTES else "not text")
-        return None
-    return text
-
-
-def _sidecar_json(cand: Path, text: str) -> tuple[str | None, str | None]:
-    """(metadata JSON text, caption from it) of a .json sidecar's text; (None, None) when it is not usable."""
-    name = display_name(cand.name)
-    if json_depth(text) > MAX_JSON_DEPTH:
-        log.warning("sidecar %s nests deeper than %d levels; ignored", name, MAX_JSON_DEPTH)
-        return None, None
-    try:
-        obj = json.loads(text)
-    except ValueError:
-        log.warning("sidecar %s is not valid JSON; ignored", name)
-        return None, None
-    meta = json.dumps(obj, sort_keys=True, ensure_ascii=False)
-    if isinstance(obj, dict):
-        for key in ("caption", "title", "description"):
-            value = obj.get(key)
-            if isinstance(value, str) and value.strip() and not has_control(value):
-                return meta, value.strip()
-    return meta, None
