@@ -388,6 +388,7 @@ def load_encoder(
             weights = Path(weights).expanduser()
             if not weights.is_file():
                 raise ModelError(f"weights file {weights} does not exist: pass the path of an open_clip/OpenAI checkpoint")
+            _check_checkpoint_file(weights)
             checkpoint, pretrained = str(weights), None
         elif pretrained:
             model, checkpoint, quick_gelu = _resolve_tag(model, pretrained)
@@ -395,8 +396,12 @@ def load_encoder(
             checkpoint = None  # random weights: only useful for tests and benchmarks
         load_from = checkpoint
     try:
+        # open_clip reads .safetensors with safetensors and anything else with torch.load(weights_only=True): a
+        # pickle naming any global beyond tensors and plain containers is refused by torch, never run
         clip, _, transform = open_clip.create_model_and_transforms(model, pretrained=load_from, device=device)
-    except (RuntimeError, KeyError, ValueError, OSError, AssertionError) as exc:  # open_clip asserts on shapes
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as exc:  # RuntimeError, UnpicklingError, KeyError, StopIteration, AssertionError on shapes...
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"could not load {model} from {checkpoint}: {first}; is it a checkpoint for this model?") from None
     clip.eval()
@@ -428,6 +433,28 @@ def load_encoder(
 
         accelerate(encoder)  # swaps the image tower and sets info.precision to "fast:<backend>"
     return encoder
+
+
+# How a checkpoint file starts: a zip (torch.save since 1.6), a legacy pickle (protocol 2+), or safetensors
+# (an 8-byte little-endian header length, then a JSON header).
+_ZIP_MAGIC, _PICKLE_MAGIC = b"PK\x03\x04", b"\x80"
+
+
+def _check_checkpoint_file(path: Path) -> None:
+    """ModelError in one line unless ``path`` starts like a checkpoint; the contents are checked on loading."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(9)
+        size = path.stat().st_size
+    except OSError as exc:
+        raise ModelError(f"cannot read weights file {path} ({exc.strerror})") from None
+    safetensors = len(head) == 9 and 0 < int.from_bytes(head[:8], "little") < size and head[8:9] == b"{"
+    if path.suffix == ".safetensors" and not safetensors:
+        raise ModelError(f"{path} is not a safetensors file (truncated or something else): pass an open_clip "
+                         "checkpoint (.safetensors, .pt or .bin)")
+    if not (safetensors or head.startswith(_ZIP_MAGIC) or head.startswith(_PICKLE_MAGIC)):
+        raise ModelError(f"{path} is not a model checkpoint (neither a PyTorch file nor safetensors): pass an "
+                         "open_clip checkpoint (.safetensors, .pt or .bin)")
 
 
 def _schema_checkpoint(model: str) -> str:

@@ -58,6 +58,7 @@ class FolderIndexOptions:
     workers: int = 2  # decoding threads
     progress: bool = True
     rebuild: bool = False  # replace an index built with another model or dtype (else refused: IndexExistsError)
+    replace_other: bool = False  # an index of another kind (CIFAR) in index_dir is replaced instead of refused
 
     @property
     def max_pixels(self) -> int:
@@ -125,7 +126,7 @@ class _Plan:
     skipped: list = field(default_factory=list)  # (rel, reason)
 
 
-def _previous(index_dir: Path, info, *, dtype: str = "float32", rebuild: bool = False):
+def _previous(index_dir: Path, info, replace_other: bool = False, *, dtype: str = "float32", rebuild: bool = False):
     """The existing folder index in ``index_dir`` if its vectors can be reused with this model, else None."""
     if not (index_dir / MANIFEST).is_file():
         return None
@@ -136,6 +137,8 @@ def _previous(index_dir: Path, info, *, dtype: str = "float32", rebuild: bool = 
         return None
     source = store.manifest.get("source", {})
     if source.get("type") != "folder":
+        if replace_other:
+            return None
         raise DatasetError(f"{index_dir} holds a {source.get('name', 'non-folder')} index, not a folder index: "
                            "choose another --index-dir")
     built = store.manifest["model"]
@@ -209,9 +212,11 @@ def index_folder(root: str | Path, encoder, index_dir: str | Path, *,
     index_dir = Path(index_dir).expanduser()
     info = encoder.info
     allow_pixels(options.max_pixels)
-    files = walk_folder(root, exclude=options.exclude, include_hidden=options.include_hidden)
-    prev = _previous(index_dir, info, dtype=options.dtype, rebuild=options.rebuild)
+    unusable: list[tuple[str, str]] = []  # link loops, links out, names that are not UTF-8: counted as skipped
+    files = walk_folder(root, exclude=options.exclude, include_hidden=options.include_hidden, skipped=unusable)
+    prev = _previous(index_dir, info, options.replace_other, dtype=options.dtype, rebuild=options.rebuild)
     plan = _plan(root, files, prev, options)
+    plan.skipped += unusable
 
     # ---- embed what is new, resumably, in index_dir/pending
     t0 = time.perf_counter()
@@ -258,7 +263,7 @@ def index_folder(root: str | Path, encoder, index_dir: str | Path, *,
 
 
 def _write_index(index_dir: Path, root: Path, info, rows, prev_emb, new_vectors, files, summary, options) -> None:
-    captions = [read_sidecar(root / f.rel) for f, *_ in rows]
+    captions = [read_sidecar(root / f.rel, root=root) for f, *_ in rows]
     listing = [[f.rel, f.size, f.mtime_ns, sha, cap, meta] for (f, sha, _, _), (cap, meta) in zip(rows, captions)]
     fingerprint = hashlib.sha256(json.dumps(listing, ensure_ascii=False).encode()).hexdigest()
     identity = {"model": info.name, "pretrained": info.pretrained, "weights_sha256": info.weights_sha256,
@@ -298,8 +303,9 @@ def _write_index(index_dir: Path, root: Path, info, rows, prev_emb, new_vectors,
         "superclass_names": None,
         "fine_to_coarse": None,
         "folder": {"summary": {k: v for k, v in summary.to_json().items() if k != "skipped_files"},
-                   "skipped": [{"path": rel, "reason": reason, "size": by_file[rel].size,
-                                "mtime_ns": by_file[rel].mtime_ns} for rel, reason in summary.skipped_files]},
+                   "skipped": [{"path": rel, "reason": reason, "size": getattr(by_file.get(rel), "size", None),
+                                "mtime_ns": getattr(by_file.get(rel), "mtime_ns", None)}
+                               for rel, reason in summary.skipped_files]},
         "stats": {"seconds": round(seconds, 3), "batch_size": options.batch_size,  # this run's embedding
                   "images_per_second": round(n_new / seconds, 2)} if n_new and seconds > 0 else None,
     }

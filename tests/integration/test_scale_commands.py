@@ -145,7 +145,7 @@ def _serve_args(index_dir, *flags):
 def _api_hits(searchers, queries) -> list:
     from cliplens.web import create_app
 
-    with TestClient(create_app(searchers)) as client:
+    with TestClient(create_app(searchers), base_url="http://127.0.0.1") as client:
         out = []
         for q in queries:
             r = client.get("/api/search", params={"q": q, "k": 10})

@@ -44,7 +44,7 @@ def searchers(tiny_index, photos_index, tiny_encoder):
 @pytest.fixture(scope="module")
 def client(searchers):
     app = create_app(searchers, limits=WebLimits(max_upload_bytes=200_000, max_pixels=1_000_000))
-    with TestClient(app) as c:  # runs start-up and shut-down (the encoder worker stops at the end)
+    with TestClient(app, base_url="http://127.0.0.1") as c:  # runs start-up and shut-down (the encoder worker stops at the end)
         yield c
 
 
@@ -251,7 +251,7 @@ def test_a_tampered_index_cannot_escape_its_folder(tmp_path, photos_index, tiny_
     items["path"][1] = "/etc/passwd"
     write_items(bad / ITEMS, {k: list(v) if v.dtype == object else v for k, v in items.items()})
     app = create_app({"t": Searcher(encoder=tiny_encoder, store=IndexStore.open(bad))})
-    with TestClient(app) as c:
+    with TestClient(app, base_url="http://127.0.0.1") as c:
         for i in (0, 1):
             assert_json_error(c.get(f"/api/items/{i}/image"), 404)
         assert c.get("/api/items/2/image").status_code == 200
@@ -318,7 +318,7 @@ def test_an_unexpected_error_is_a_json_500(searchers):
         def search_vector(self, *a, **kw):
             raise RuntimeError("a bug")
 
-    with TestClient(create_app({"b": Broken()}), raise_server_exceptions=False) as c:
+    with TestClient(create_app({"b": Broken()}), base_url="http://127.0.0.1", raise_server_exceptions=False) as c:
         r = c.get("/api/search", params={"q": "cat"})
         assert_json_error(r, 500)
         assert "a bug" not in r.text  # details go to the server log, not to the client

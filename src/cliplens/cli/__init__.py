@@ -12,6 +12,7 @@ import logging
 import sys
 
 from cliplens import __version__
+from cliplens._safe import printable
 from cliplens._threads import calm_blas_threads
 from cliplens.errors import CliplensError
 
@@ -67,9 +68,13 @@ def _run(argv: list[str] | None) -> int:
         return int(exc.code or 0)
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:  # file names in warnings: no terminal control characters
+        if getattr(handler, "stream", None) is sys.stderr and not isinstance(handler.formatter, _PrintableFormatter):
+            handler.setFormatter(_PrintableFormatter(handler.formatter))
     if not getattr(args, "handler", None):
         parser.print_help()
         return 2
+    stdout, sys.stdout = sys.stdout, _PrintableWriter(sys.stdout)  # names, captions, queries in results
     try:
         result = int(args.handler(args) or 0)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler above, not in Python's exit
@@ -77,7 +82,7 @@ def _run(argv: list[str] | None) -> int:
     except BrokenPipeError:
         raise
     except CliplensError as exc:
-        print(f"cliplens: error: {exc}", file=sys.stderr)
+        print(f"cliplens: error: {printable(exc)}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("cliplens: interrupted (an interrupted `index` resumes when run again)", file=sys.stderr)
@@ -85,8 +90,34 @@ def _run(argv: list[str] | None) -> int:
     except OSError as exc:  # disk full, permission denied, ...: the user's to fix, so no traceback
         if args.verbose:
             raise
-        print(f"cliplens: error: {exc.strerror or exc} ({exc.filename or 'no file'})", file=sys.stderr)
+        print(printable(f"cliplens: error: {exc.strerror or exc} ({exc.filename or 'no file'})"), file=sys.stderr)
         return 1
+    finally:
+        sys.stdout = stdout
+
+
+class _PrintableWriter:
+    """A text stream that escapes control characters (but not newlines and tabs) before they reach the terminal:
+    a file named ``\\x1b]0;...`` or a caption with ``\\r`` cannot recolour, retitle or overwrite the output."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        self._stream.write(printable(text, keep_newlines=True))
+        return len(text)
+
+    def __getattr__(self, name):  # flush, fileno, isatty, encoding...: the real stream's
+        return getattr(self._stream, name)
+
+
+class _PrintableFormatter(logging.Formatter):
+    def __init__(self, inner: logging.Formatter | None):
+        super().__init__()
+        self._inner = inner or logging.Formatter()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return printable(self._inner.format(record), keep_newlines=True)
 
 
 def _quiet_broken_pipe() -> int:

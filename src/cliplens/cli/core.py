@@ -9,6 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 from cliplens._files import cliplens_home
+from cliplens._safe import printable
 from cliplens.errors import CliplensError, QueryError
 
 INDEX_DIR_HELP = "the index folder (default $CLIPLENS_INDEX_DIR, else $CLIPLENS_HOME/indexes/cifar100-test)"
@@ -98,7 +99,8 @@ def index_cifar(args, source: str, *, embed_fn=None):
         manifest, stats = index_labeled(data, encoder, index_dir, batch_size=args.batch_size,
                                         dtype=getattr(args, "dtype", "float32"),
                                         checkpoint_every=getattr(args, "checkpoint_every", 4),
-                                        progress=not args.quiet, embed_fn=embed_fn, rebuild=args.rebuild)
+                                        progress=not args.quiet, embed_fn=embed_fn,
+                                        rebuild=args.rebuild or getattr(args, "force", False))
     except IndexExistsError as exc:
         raise CliplensError(f"{exc}: pass --rebuild to replace it, or give another --index-dir") from None
     return index_dir, encoder, manifest, stats
@@ -114,6 +116,31 @@ def positive_int(text: str) -> int:
     return value
 
 
+def cosine_float(text: str) -> float:
+    """A cosine similarity from the command line: a finite number in -1..1 (so not "nan", which drops nothing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from -1 to 1, got {text!r}") from None
+    if not -1.0 <= value <= 1.0:  # False for nan as well
+        raise argparse.ArgumentTypeError(f"must be a number from -1 to 1, got {text!r}")
+    return value
+
+
+def check_index_kind(index_dir: Path, *, folder: bool, force: bool) -> None:
+    """Refuse to write a CIFAR index over a folder index (or the reverse) unless ``--force``."""
+    from cliplens.store import MANIFEST
+
+    try:
+        source = json.loads((Path(index_dir) / MANIFEST).read_text()).get("source") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # nothing there (or unreadable: the store says so when it opens it)
+    is_folder = source.get("type") == "folder"
+    if is_folder != folder and not force:
+        held = "an image-folder index" if is_folder else f"a {source.get('name', 'CIFAR')} index"
+        raise CliplensError(f"{index_dir} holds {held}: choose another --index-dir, or pass --force to replace it")
+
+
 # --------------------------------------------------------------------------- index
 
 
@@ -126,6 +153,9 @@ def cmd_index(args) -> int:
         raise CliplensError(f"unknown source {args.source!r}: use cifar100, cifar10 or the path of an image folder")
     check_build_flags(args)  # bad build settings or an unreachable Ray: said now, not after the embedding
     embed_fn = engine_embed_fn(args)
+    index_dir = (args.index_dir or default_index_dir(f"folder-{Path(args.source).expanduser().resolve().name or 'root'}")
+                 if is_folder else cifar_index_dir(args, source.replace("-", "")))
+    check_index_kind(index_dir, folder=is_folder, force=args.force)
     if is_folder:  # an image folder: incremental indexing
         from cliplens.cli.web import cmd_index_folder
 
@@ -185,14 +215,14 @@ def cmd_search(args) -> int:
 
 def format_result(result, searcher, *, backend: str = "exact") -> str:
     m = searcher.store.manifest["model"]
-    lines = [f'query "{result.query}" -> prompt "{result.prompt}"  '
+    lines = [f'query "{printable(result.query)}" -> prompt "{printable(result.prompt)}"  '
              f"({model_label(m)}, {len(searcher.store)} images, {backend} search)"]
     labelled = searcher.store.has_labels
     header = f"{'rank':>4}  {'score':>7}  {'id':>6}  " + (f"{'label':<22}{'superclass'}" if labelled else "ref")
     lines.append(header)
     for h in result.hits:
         mark = {True: " ✓", False: " ✗", None: ""}[h.match]
-        tail = f"{(h.label or '') + mark:<22}{h.superclass or ''}" if labelled else h.ref
+        tail = f"{printable(h.label or '') + mark:<22}{h.superclass or ''}" if labelled else printable(h.ref)
         lines.append(f"{h.rank:>4}  {h.score:7.4f}  {h.id:>6}  {tail}")
     if result.precision_at_k is not None:
         lines.append(f'precision@{len(result.hits)} for class "{result.query_class}": {result.precision_at_k:.2f}')
@@ -314,6 +344,8 @@ def register(sub) -> None:
     p.add_argument("--exclude", action="append", default=[], metavar="GLOB", help="folders: skip matching paths (repeatable)")
     p.add_argument("--include-hidden", action="store_true", help="folders: also index hidden files and folders")
     p.add_argument("--max-megapixels", type=float, default=100.0, help="folders: skip larger images (default 100)")
+    p.add_argument("--force", action="store_true",
+                   help="replace an index of the other kind (CIFAR over a folder index, or the reverse) in --index-dir")
     add_model_flags(p)
     add_backend_flags(p)
     add_build_flags(p)
@@ -327,7 +359,7 @@ def register(sub) -> None:
     p.add_argument("--similar", action="append", default=[], type=int, metavar="ID", help="more like item ID")
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                    help="filter: label=..., superclass=..., path=GLOB, caption=... (repeatable)")
-    p.add_argument("--min-score", type=float, default=None, help="drop hits below this cosine similarity")
+    p.add_argument("--min-score", type=cosine_float, default=None, help="drop hits below this cosine similarity (-1..1)")
     p.add_argument("--index-dir", type=Path, default=None, help=INDEX_DIR_HELP)
     p.add_argument("-k", type=int, default=10, help="number of results (1..N)")
     p.add_argument("--template", "--templates", default="a photo of a {}.", metavar="TEMPLATE|SET",

@@ -127,6 +127,10 @@ def cmd_probe(args) -> int:
     for store, flag in ((train, "--index-dir"), (test, "--eval-index-dir")):
         if not store.has_labels:
             raise CliplensError(f"{flag} {store.root} has no labels: the probe needs labelled indexes")
+    if train.root.resolve() == test.root.resolve() or train.manifest.get("identity") == test.manifest.get("identity"):
+        raise CliplensError("--index-dir and --eval-index-dir are the same index: a probe tested on its own training "
+                            "data measures nothing; index the train split for --index-dir and the test split for "
+                            "--eval-index-dir")
     check_compatible(train.manifest, test.manifest)
     config = ProbeConfig(cs=args.cs, val_fraction=args.val_fraction, limit_per_class=args.limit_per_class, seed=args.seed,
                          tol=args.tol, progress=not args.quiet)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from pathlib import Path
 
+from cliplens._safe import printable
 from cliplens.errors import CliplensError, IndexExistsError
 
 log = logging.getLogger(__name__)
@@ -27,7 +29,8 @@ def cmd_index_folder(args, *, embed_fn=None) -> int:
     index_dir = args.index_dir or default_index_dir(f"folder-{root.resolve().name or 'root'}")
     options = FolderIndexOptions(exclude=tuple(args.exclude), include_hidden=args.include_hidden,
                                  max_megapixels=args.max_megapixels, batch_size=args.batch_size, dtype=args.dtype,
-                                 progress=not args.quiet, rebuild=args.rebuild)
+                                 progress=not args.quiet, rebuild=args.rebuild,
+                                 replace_other=getattr(args, "force", False))
     try:
         summary = index_folder(root, load_model(args), index_dir, options=options, embed_fn=embed_fn)
     except IndexExistsError as exc:
@@ -88,15 +91,49 @@ def cmd_serve(args) -> int:
                             "pip install 'cliplens[web]'") from None
     if not 0 <= args.port <= 65535:
         raise CliplensError(f"--port must be 0..65535, got {args.port}")
-    searchers = build_searchers(args)  # the models load here, once, before the first request
-    app = create_app(searchers)
-    listing = ", ".join(f"{n} ({len(s.store)} images)" for n, s in searchers.items())
-    print(f"serving {listing} on http://{args.host}:{args.port}/ (Ctrl-C stops)", flush=True)
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("listening on %s: anyone who can reach this machine can search these indexes", args.host)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning",
-                access_log=bool(args.verbose))
+    from cliplens.web.app import LOOPBACK_HOSTS
+
+    sock = _listen(args.host, args.port)  # "address in use" is said now, before anything claims to serve
+    try:
+        searchers = build_searchers(args)  # the models load here, once, before the first request
+        # the names a browser may use for this server: loopback, the address it listens on, and --allow-host
+        hosts = (*LOOPBACK_HOSTS, *([args.host] if args.host not in ("0.0.0.0", "::", "") else []),
+                 *args.allow_host)
+        app = create_app(searchers, allowed_hosts=hosts)
+        port = sock.getsockname()[1]
+        listing = ", ".join(f"{printable(n)} ({len(s.store)} images)" for n, s in searchers.items())
+        print(f"serving {listing} on http://{args.host}:{port}/ (Ctrl-C stops)", flush=True)
+        if args.host not in LOOPBACK_HOSTS:
+            log.warning("listening on %s: anyone who can reach this machine can search these indexes", args.host)
+        config = uvicorn.Config(app, log_level="info" if args.verbose else "warning", access_log=bool(args.verbose))
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        sock.close()
     return 0
+
+
+def _listen(host: str, port: int):
+    """A listening TCP socket on (host, port), or CliplensError in one line (in use, not an address here)."""
+    import socket
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise CliplensError(f"--host {host!r} is not an address of this machine ({exc.strerror})") from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does: a restart can reuse the port
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise CliplensError(f"port {port} on {host} is already in use (another `cliplens serve`?): "
+                                "stop it, or pass --port with a free port (0 picks one)") from None
+        raise CliplensError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 def register(sub) -> None:
@@ -109,7 +146,10 @@ def register(sub) -> None:
     p.add_argument("--index-dir", type=Path, action="append", default=None, metavar="DIR",
                    help="an index to serve (repeat for several; the first is the default)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests for this host name (repeatable); by default only loopback names "
+                        "and the --host address are answered, which stops DNS-rebinding pages")
     add_model_flags(p, for_query=True)
     add_backend_flags(p)
     p.set_defaults(handler=cmd_serve)

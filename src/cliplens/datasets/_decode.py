@@ -53,6 +53,8 @@ def read_batch(
             raise DatasetError(f"{path}: b'data' should hold bytes 0..255, found dtype {data.dtype}")
         data = data.astype(np.uint8)
     n = len(data)
+    if n == 0:
+        raise DatasetError(f"{path} holds no images (an empty batch): re-extract or re-download it")
     labels = _labels(batch, labels_key, n, num_classes, path)
     coarse = None
     if coarse_labels_key is not None:
@@ -68,12 +70,18 @@ def read_batch(
     return Batch(data, labels, coarse, refs)
 
 
-def read_names(meta: dict, key: bytes, path: Path) -> tuple[str, ...]:
-    """Class names from the meta file, decoded from bytes."""
+def read_names(meta: dict, key: bytes, path: Path, *, count: int | None = None) -> tuple[str, ...]:
+    """Class names from the meta file, decoded from bytes: ``count`` of them (when given), all different."""
     names = meta.get(key)
     if not isinstance(names, (list, tuple)) or not names:
         raise DatasetError(f"{path}: no list of names under {key!r}")
-    return tuple(_text(name, path) for name in names)
+    if count is not None and len(names) != count:
+        raise DatasetError(f"{path}: {key!r} lists {len(names)} names, but this data set has {count} labels")
+    out = tuple(_text(name, path) for name in names)
+    repeated = sorted({n for n in out if out.count(n) > 1}) if len(set(out)) != len(out) else []
+    if repeated:
+        raise DatasetError(f"{path}: {key!r} names {repeated[0]!r} more than once; each label needs its own name")
+    return out
 
 
 def fine_to_coarse(
@@ -100,7 +108,15 @@ def fine_to_coarse(
 def _labels(batch: dict, key: bytes, n: int, num_names: int, path: Path) -> np.ndarray:
     if key not in batch:
         raise DatasetError(f"{path}: no {key!r} in the pickle; is it a CIFAR batch of this data set?")
-    values = np.asarray(batch[key])
+    raw = batch[key]
+    if isinstance(raw, (list, tuple)):  # the real files: a list of ints; anything nested or odd is refused here
+        if not all(type(v) is int and -(2**63) <= v < 2**63 for v in raw):
+            raise DatasetError(f"{path}: {key!r} should be {n} integers, found other values in the list")
+        values = np.array(raw, dtype=np.int64)
+    elif isinstance(raw, np.ndarray):
+        values = raw
+    else:
+        raise DatasetError(f"{path}: {key!r} should be {n} integers, found {type(raw).__name__}")
     if values.size == 0:
         values = values.astype(np.int64)
     if values.ndim != 1 or len(values) != n or values.dtype.kind not in "iu":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import http.client
+import json
 import logging
 import os
 import posixpath
@@ -98,8 +99,16 @@ def download(
     return md5.hexdigest()
 
 
+# What CIFAR needs, with room to spare: the largest member is CIFAR-100's ``train`` (50 000 rows of 3072 bytes
+# plus labels and names, ~158 MB), the whole of either archive ~185 MB in about ten members.
+MAX_MEMBER_BYTES = 256 << 20
+MAX_TOTAL_BYTES = 512 << 20
+MAX_MEMBERS = 64
+RECORD = ".cliplens-extracted.json"  # inside an extracted folder: which archive it came from
+
+
 def _check_member(member: tarfile.TarInfo, folder: str, archive: Path) -> None:
-    """Admit only plain files and directories inside ``folder/``: no links, no escapes."""
+    """Admit only plain files and directories inside ``folder/``: no links, no escapes, no giant members."""
     name = posixpath.normpath(member.name)
     parts = name.split("/")
     if name.startswith("/") or ".." in parts or parts[0] != folder:
@@ -109,10 +118,50 @@ def _check_member(member: tarfile.TarInfo, folder: str, archive: Path) -> None:
         )
     if not (member.isfile() or member.isdir()):
         raise DatasetError(f"{archive}: refusing member {member.name!r} (not a regular file)")
+    if member.size > MAX_MEMBER_BYTES:
+        raise DatasetError(f"{archive}: refusing member {member.name!r} of {member.size / 2**20:.0f} MiB, "
+                           f"over the {MAX_MEMBER_BYTES >> 20} MiB that any CIFAR file needs")
 
 
-def extract(archive: Path, folder: str, dest_parent: Path) -> Path:
-    """Extract ``folder/`` from a tar archive into ``dest_parent``; returns the new folder."""
+def check_archive(archive: Path, folder: str) -> list[str]:
+    """Read the whole archive once, before anything is written: every member header is vetted (names, types,
+    sizes, count, total) and a gzip stream is decompressed to its end, so its CRC and length trailer are
+    checked (tarfile alone stops at the end-of-archive blocks and never looks at them). Returns member names."""
+    names, total = [], 0
+    with archive.open("rb") as raw:
+        gz = raw.read(2) == b"\x1f\x8b"
+        raw.seek(0)
+        stream = gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw
+        with tarfile.open(fileobj=stream, mode="r|") as tar:  # a stream: headers, data skipped as read
+            for member in tar:
+                _check_member(member, folder, archive)
+                names.append(member.name)
+                total += member.size
+                if len(names) > MAX_MEMBERS or total > MAX_TOTAL_BYTES:
+                    raise DatasetError(f"{archive}: would expand past {MAX_TOTAL_BYTES >> 20} MiB or "
+                                       f"{MAX_MEMBERS} members, far more than CIFAR needs; refusing it")
+        while stream.read(_CHUNK):  # the rest of the stream: gzip checks its CRC and size at the very end
+            pass
+    return names
+
+
+def read_record(folder: Path) -> dict | None:
+    """What ``folder`` was extracted from (``extract``'s record), or None when cliplens did not extract it."""
+    try:
+        record = json.loads((folder / RECORD).read_text())
+    except (OSError, ValueError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def extract(archive: Path, folder: str, dest_parent: Path, *, digests: dict | None = None,
+            replace: bool = False) -> Path:
+    """Extract ``folder/`` from a tar archive into ``dest_parent``; returns the new folder.
+
+    The archive is checked whole first (:func:`check_archive`); the folder is built under a temporary name,
+    given a record of the archive's digests, and renamed into place only when complete. ``replace``: an
+    existing ``folder/`` that cliplens extracted from another archive is swapped for the new one.
+    """
     target = dest_parent / folder
     try:
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder}.", suffix=".extracting", dir=dest_parent))
@@ -120,9 +169,10 @@ def extract(archive: Path, folder: str, dest_parent: Path) -> Path:
         raise DatasetError(f"cannot extract {archive} into {dest_parent}: {exc}") from exc
     log.info("extracting %s into %s", archive, dest_parent)
     try:
+        check_archive(archive, folder)
         with tarfile.open(archive, "r:*") as tar:
-            members = tar.getmembers()  # reads the whole archive: truncation shows up here
-            for member in members:
+            members = tar.getmembers()
+            for member in members:  # the same bytes were vetted above; checked again, as cheap as it is
                 _check_member(member, folder, archive)
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(tmp, members=members, filter="data")
@@ -130,6 +180,11 @@ def extract(archive: Path, folder: str, dest_parent: Path) -> Path:
                 tar.extractall(tmp, members=members)
         if not (tmp / folder).is_dir():
             raise DatasetError(f"{archive}: no {folder}/ folder inside; is it the right archive?")
+        digests = digests or file_digests(archive)
+        (tmp / folder / RECORD).write_text(json.dumps(
+            {"archive": archive.name, "md5": digests["md5"], "sha256": digests["sha256"], "size": digests["size"]}))
+        if replace and target.is_dir() and read_record(target) is not None:  # ours: move the old one aside
+            os.rename(target, tmp / "previous")
         try:
             os.rename(tmp / folder, target)
         except OSError:

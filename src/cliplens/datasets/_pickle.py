@@ -3,13 +3,17 @@
 Unpickling runs whatever callables the pickle names, so a tampered ``test`` file could run
 ``os.system`` the moment it is loaded. The CIFAR pickles only ever need four globals: numpy's
 array reconstructor, ``numpy.ndarray``, ``numpy.dtype`` and ``_codecs.encode`` (which Python 3
-writes for ``bytes`` under protocol 2). Everything else is refused before it is looked up.
+writes for ``bytes`` under protocol 2). Everything else is refused before it is looked up, and the arrays themselves are checked: the bytes present
+must match the shape and dtype they declare, before numpy allocates anything.
 """
 
 from __future__ import annotations
 
 import _codecs
+import io
+import math
 import pickle
+import pickletools
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +21,11 @@ import numpy as np
 
 from cliplens.errors import CliplensError, DatasetError, UnsafePickleError
 
-# The real files are ~160 MB (CIFAR-100 train); anything past this is not a CIFAR pickle,
-# and refusing it early avoids reading gigabytes into memory.
-MAX_PICKLE_BYTES = 1 << 30
+# The largest real file is CIFAR-100's ``train`` (~158 MB); anything past this is not a CIFAR pickle, and
+# refusing it early avoids reading gigabytes into memory.
+MAX_PICKLE_BYTES = 256 << 20
+_MAX_NDIM = 8
+_DTYPE_KINDS = "biuf"  # bool, signed, unsigned, float: all a CIFAR file holds
 
 # numpy's array reconstructor, taken from ndarray's own pickling hook rather than imported:
 # on numpy 2 ``import numpy.core`` warns (and warnings are errors in our tests), and on
@@ -27,13 +33,76 @@ MAX_PICKLE_BYTES = 1 << 30
 # ``numpy.core.multiarray``; files written by numpy 2 name ``numpy._core.multiarray``.
 _reconstruct = np.empty(0).__reduce__()[0]
 
+
+class _Refused(Exception):
+    """An array or call in the pickle is inconsistent or not allowed; the message says how."""
+
+
+class _CheckedArray(np.ndarray):
+    """What the pickle's ``numpy.ndarray`` becomes: its state (shape, dtype, bytes) is checked before numpy sees it.
+
+    A pickled array is ``_reconstruct(ndarray, (0,), b'b')`` followed by ``__setstate__((1, shape, dtype,
+    is_fortran, raw_bytes))``. numpy would trust ``shape`` and ``dtype``; here the bytes present must be exactly
+    what they declare, computed in Python integers (no overflow), before anything is allocated.
+    """
+
+    def __new__(cls, *args, **kwargs):
+        # ndarray(shape, dtype, buffer, offset, strides) called by the pickle itself: a 3 KB buffer seen through
+        # zero or negative strides as gigabytes. Only _reconstruct (which does not call __new__) builds these.
+        raise _Refused("an array constructed in an unusual way")
+
+    def __setstate__(self, state):
+        if not isinstance(state, tuple) or len(state) not in (4, 5) or (len(state) == 5 and state[0] != 1):
+            raise _Refused("an array with an unknown state layout")
+        shape, dtype, fortran, raw = state[-4:]
+        if (not isinstance(shape, tuple) or len(shape) > _MAX_NDIM
+                or not all(type(d) is int and d >= 0 for d in shape)):
+            raise _Refused(f"an array with shape {shape!r} (want at most {_MAX_NDIM} non-negative sizes)")
+        if (not isinstance(dtype, np.dtype) or dtype.kind not in _DTYPE_KINDS or dtype.fields is not None
+                or dtype.subdtype is not None or dtype.itemsize != np.dtype(dtype.str).itemsize):
+            raise _Refused(f"an array of dtype {dtype!r} (only numbers are allowed)")
+        if not isinstance(fortran, bool) or not isinstance(raw, bytes):
+            raise _Refused("an array whose data is not a byte string")
+        declared = math.prod(shape) * dtype.itemsize
+        if declared != len(raw):
+            raise _Refused(f"an array declaring shape {shape} of {dtype} ({declared:,} bytes) "
+                           f"but holding {len(raw):,} bytes")
+        super().__setstate__(state)
+
+
+def _checked_reconstruct(subtype, shape, dtype):
+    # numpy allocates ``shape`` here, before __setstate__: only the empty placeholder that pickles write passes
+    if subtype is not _CheckedArray or not isinstance(shape, tuple) or math.prod(
+            d if type(d) is int and d >= 0 else 1 << 62 for d in shape) > 16:
+        raise _Refused("an array constructed in an unusual way")
+    return _reconstruct(_CheckedArray, shape, dtype)
+
+
+def _latin1_encode(text, encoding="utf-8", errors="strict"):
+    # Python 3 pickles bytes under protocol 2 as _codecs.encode(str, "latin1"); no other codec is needed
+    if not isinstance(text, str) or encoding not in ("latin1", "latin-1") or errors != "strict":
+        raise _Refused(f"a call to _codecs.encode with {encoding!r}")
+    return _codecs.encode(text, "latin1")
+
+
 _ALLOWED: dict[tuple[str, str], Any] = {
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy.core.multiarray", "_reconstruct"): _checked_reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _checked_reconstruct,
+    ("numpy", "ndarray"): _CheckedArray,
     ("numpy", "dtype"): np.dtype,
-    ("_codecs", "encode"): _codecs.encode,
+    ("_codecs", "encode"): _latin1_encode,
 }
+
+
+def _plain(obj: Any, depth: int = 0) -> Any:
+    """The loaded structure with every checked array turned back into a plain ndarray (CIFAR nests 2 deep)."""
+    if isinstance(obj, _CheckedArray):
+        return obj.view(np.ndarray)
+    if depth < 4 and isinstance(obj, dict):
+        return {k: _plain(v, depth + 1) for k, v in obj.items()}
+    if depth < 4 and isinstance(obj, list):
+        return [_plain(v, depth + 1) for v in obj]
+    return obj
 
 
 class _RestrictedUnpickler(pickle.Unpickler):
@@ -68,10 +137,20 @@ def safe_load_pickle(path: str | Path) -> dict:
             f"refusing to load {path}: {size / 2**30:.1f} GiB is far larger than any CIFAR file"
         )
     try:
+        # From memory, not the file: a length field claiming gigabytes then reads what is there, and fails
         with path.open("rb") as f:
-            obj = _RestrictedUnpickler(f, name=str(path)).load()
+            data = f.read(MAX_PICKLE_BYTES + 1)
+        # Every length field checked against the bytes present first (pickletools reads what is there): the C
+        # unpickler allocates whatever a BINBYTES8 or BINUNICODE8 claims, a terabyte included, before reading it.
+        for _ in pickletools.genops(io.BytesIO(data)):
+            pass
+        obj = _plain(_RestrictedUnpickler(io.BytesIO(data), name=str(path)).load())
     except CliplensError:
         raise
+    except _Refused as exc:
+        raise DatasetError(f"refusing to load {path}: it holds {exc} (a tampered or non-CIFAR file)") from None
+    except RecursionError:
+        raise DatasetError(f"refusing to load {path}: nested too deeply for a CIFAR file") from None
     except Exception as exc:
         # Only allow-listed callables can run, so any other failure (EOFError, UnpicklingError,
         # a ValueError from numpy on a short buffer, ...) means the bytes are damaged.

@@ -68,6 +68,8 @@ class CifarLayout:
     names_key: bytes
     coarse_labels_key: bytes | None = None
     coarse_names_key: bytes | None = None
+    num_classes: int | None = None  # how many names the meta file must list
+    num_superclasses: int | None = None
 
 
 CIFAR_LAYOUTS: dict[str, CifarLayout] = {
@@ -81,6 +83,8 @@ CIFAR_LAYOUTS: dict[str, CifarLayout] = {
         names_key=b"fine_label_names",
         coarse_labels_key=b"coarse_labels",
         coarse_names_key=b"coarse_label_names",
+        num_classes=100,
+        num_superclasses=20,
     ),
     "cifar10": CifarLayout(
         title="CIFAR-10",
@@ -90,6 +94,7 @@ CIFAR_LAYOUTS: dict[str, CifarLayout] = {
         meta_file="batches.meta",
         labels_key=b"labels",
         names_key=b"label_names",
+        num_classes=10,
     ),
 }
 
@@ -161,10 +166,10 @@ def load_cifar(
 
     meta_path = folder / layout.meta_file
     meta = safe_load_pickle(meta_path)
-    class_names = read_names(meta, layout.names_key, meta_path)
+    class_names = read_names(meta, layout.names_key, meta_path, count=layout.num_classes)
     superclass_names = None
     if layout.coarse_names_key is not None:
-        superclass_names = read_names(meta, layout.coarse_names_key, meta_path)
+        superclass_names = read_names(meta, layout.coarse_names_key, meta_path, count=layout.num_superclasses)
 
     # CIFAR-10's train split is five batches; everything else is one file
     batches = [
@@ -229,9 +234,18 @@ def _locate(
     if root.name == layout.folder and not root.exists():
         root = root.parent  # the folder-to-be: download and extract it beside, as usual
 
-    if root.is_file():  # the archive itself; an extracted folder beside it wins
-        if (root.parent / layout.folder).is_dir():
-            return root.parent / layout.folder, _md5_if_present(root)
+    if root.is_file():  # the archive itself: the folder beside it only if it was extracted from this archive
+        beside = root.parent / layout.folder
+        if beside.is_dir():
+            record, digests = _download.read_record(beside), file_digests(root)
+            if record is None:
+                raise DatasetError(f"{beside} exists but was not extracted from {root.name} by cliplens, so it may "
+                                   f"hold other files: pass --data-dir {beside} to use that folder, or move it away "
+                                   "to extract the archive")
+            if (record.get("sha256"), record.get("size")) == (digests["sha256"], digests["size"]):
+                return beside, digests["md5"]
+            log.warning("%s was extracted from another %s; extracting this one in its place", beside, root.name)
+            return _from_archive(source, root, verify=verify, digests=digests, replace=True)
         return _from_archive(source, root, verify=verify)
     if root.name == layout.folder or (root / layout.meta_file).is_file():  # the folder itself
         return root, _md5_if_present(root.parent / layout.archive)
@@ -267,13 +281,15 @@ def _md5_if_present(archive: Path) -> str | None:
     return file_digests(archive)["md5"] if archive.is_file() else None
 
 
-def _from_archive(source: str, archive: Path, *, verify: bool) -> tuple[Path, str]:
+def _from_archive(source: str, archive: Path, *, verify: bool, digests: dict | None = None,
+                  replace: bool = False) -> tuple[Path, str]:
     layout = CIFAR_LAYOUTS[source]
-    md5 = file_digests(archive)["md5"]  # also recorded when not verifying
+    digests = digests or file_digests(archive)
+    md5 = digests["md5"]  # also recorded when not verifying
     expected = OFFICIAL_MD5[source][layout.archive]
     if verify and md5 != expected:
         raise checksum_error(str(archive), md5, expected)
-    return _download.extract(archive, layout.folder, archive.parent), md5
+    return _download.extract(archive, layout.folder, archive.parent, digests=digests, replace=replace), md5
 
 
 def missing_data(name: str, data_dir: str | Path | None) -> str | None:

@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
-import json
 import logging
 import os
+import stat
 import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
+from cliplens.datasets._fs import display_name, open_regular
+from cliplens.datasets.sidecars import SIDECAR_MAX_BYTES, read_sidecar  # noqa: F401 (re-exported)
 from cliplens.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -28,7 +31,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".
 # PIL plugins allowed to open a file: the formats above (MPO: multi-picture camera JPEGs, in older Pillows).
 PIL_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 DEFAULT_MAX_MEGAPIXELS = 100.0
-SIDECAR_MAX_BYTES = 1 << 20  # a caption file larger than 1 MiB is not a caption
+SIDECAR_MAX_BYTES = 1 << 20
+_ORIENTATION = 0x0112  # the EXIF orientation tag  # a caption file larger than 1 MiB is not a caption
 _CHUNK = 1 << 20
 
 
@@ -59,13 +63,16 @@ def _excluded(rel: str, name: str, patterns: tuple[str, ...]) -> bool:
     return any(fnmatch.fnmatchcase(rel, p) or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
-def walk_folder(root: str | Path, *, exclude: Iterable[str] = (), include_hidden: bool = False) -> list[FolderFile]:
+def walk_folder(root: str | Path, *, exclude: Iterable[str] = (), include_hidden: bool = False,
+                skipped: list[tuple[str, str]] | None = None) -> list[FolderFile]:
     """Every image file under ``root`` (recursive, sorted by relative path).
 
     Hidden files and folders (names starting with ".") are skipped unless ``include_hidden``; ``exclude``
     globs are matched against the relative path and the file or folder name. Symbolic links to folders are
     not followed; a linked file is kept only when it resolves to a file inside ``root``, so an index never
-    points outside the folder it was built from.
+    points outside the folder it was built from. Image files that cannot be used (a link loop, a link out of
+    the folder, a name that is not valid UTF-8, a file gone before its ``stat``) are appended to ``skipped``
+    as (printable relative path, reason) when a list is given.
     """
     root = Path(root).expanduser()
     if not root.is_dir():
@@ -93,15 +100,26 @@ def walk_folder(root: str | Path, *, exclude: Iterable[str] = (), include_hidden
             if _excluded(rel, name, patterns):
                 continue
             path = Path(dirpath) / name
+            reason = None
             try:
-                if path.is_symlink() and not path.resolve().is_relative_to(real_root):
-                    log.warning("%s links outside %s; skipped", rel, root)
-                    continue
-                st = path.stat()
-            except OSError as exc:
-                log.warning("cannot stat %s (%s); skipped", rel, exc.strerror)
-                continue
-            if not os.path.isfile(path):
+                rel.encode("utf-8")
+                if path.is_symlink() and not path.resolve(strict=True).is_relative_to(real_root):
+                    reason = "a link to outside the folder"
+                else:
+                    st = path.stat()
+                    if not stat.S_ISREG(st.st_mode):
+                        reason = "not a regular file (a FIFO, socket or device)"
+            except UnicodeEncodeError:
+                reason = "the name is not valid UTF-8 (rename the file)"
+            except RuntimeError:  # Python < 3.13: resolve() raises this for a link loop
+                reason = "a symbolic link loop"
+            except OSError as exc:  # ELOOP, ENOENT (gone, or a dangling link), EACCES...
+                reason = f"cannot stat ({exc.strerror or type(exc).__name__})"
+            if reason is not None:
+                if skipped is None:
+                    log.warning("%s: %s; skipped", display_name(rel), reason)
+                else:  # the caller reports it with the other skipped files
+                    skipped.append((display_name(rel), reason))
                 continue
             out.append(FolderFile(rel=rel, size=st.st_size, mtime_ns=st.st_mtime_ns))
     out.sort(key=lambda f: f.rel)
@@ -119,9 +137,9 @@ def safe_join(root: str | Path, rel: str) -> Path:
     return path
 
 
-def sha256_file(path: str | Path) -> str:
+def sha256_file(path: str | Path, *, root: str | Path | None = None) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path, root=root) as f:
         while chunk := f.read(_CHUNK):
             h.update(chunk)
     return h.hexdigest()
@@ -182,8 +200,13 @@ def _check_pixels(w: int, h: int, max_pixels: int) -> None:
         raise ImageTooLarge(f"{w}x{h} is {w * h / 1e6:.1f} megapixels, over the limit of {max_pixels / 1e6:g}")
 
 
-def decode_image(source: str | Path | BinaryIO, *, max_pixels: int):
+def decode_image(source: str | Path | BinaryIO, *, max_pixels: int, reduce_to: int | None = None):
     """Decode one image to an RGB PIL image: first frame, EXIF orientation applied, transparency on white.
+
+    ``reduce_to`` (for previews, never for embedding: it changes pixels): decode a JPEG at the smallest DCT
+    scale (1/2, 1/4, 1/8) that keeps both sides at least ``reduce_to`` px, so a 9000 x 9000 photo costs
+    1125 x 1125 pixels of memory instead of 81 million. Other formats decode at full size (within the pixel
+    limit) and are shrunk right after.
 
     Raises ImageTooLarge (checked on the header, before decoding) or ImageSkipped; never anything else for a
     bad file.
@@ -196,15 +219,25 @@ def decode_image(source: str | Path | BinaryIO, *, max_pixels: int):
         _check_pixels(w, h, max_pixels)
         if getattr(opened, "n_frames", 1) > 1:
             opened.seek(0)  # animated GIF/WebP, multi-page TIFF: the first frame
+        if reduce_to is not None and opened.format in ("JPEG", "MPO"):
+            opened.draft("RGB", (reduce_to, reduce_to))  # square request: the same whatever the EXIF rotation
         opened.load()
-        upright = ImageOps.exif_transpose(opened)  # a copy with the orientation tag applied (and removed)
-        return to_rgb(upright)
+        im = opened
+        if reduce_to is not None and min(im.size) >= 2 * reduce_to:  # PNG, WebP...: box-reduce at once
+            im = im.reduce(min(im.size) // reduce_to)
+        if im.getexif().get(_ORIENTATION, 1) not in (1, None):
+            im = ImageOps.exif_transpose(im)  # a rotated copy (without the tag); only when there is a rotation
+        rgb = to_rgb(im)  # itself when already RGB: no second full-size copy
+        for used in (opened, im):
+            if used is not rgb:
+                used.close()  # the pixels live on in ``rgb``; free the rest now, not at garbage collection
+        return rgb
     except ImageSkipped:
+        opened.close()
         raise
     except Exception as exc:  # truncated data ("image file is truncated"), broken chunks, bad EXIF...
-        raise ImageSkipped(f"cannot decode ({type(exc).__name__}: {exc})") from None
-    finally:
         opened.close()
+        raise ImageSkipped(f"cannot decode ({type(exc).__name__}: {exc})") from None
 
 
 def to_rgb(im):
@@ -229,7 +262,15 @@ def to_rgb(im):
 
 
 class FolderSource:
-    """BatchSource over image files; a file that fails to decode gets a blank stand-in and is recorded."""
+    """BatchSource over image files; a file that fails to decode gets a blank stand-in and is recorded.
+
+    ``load`` returns a :class:`DecodedImages` sequence that decodes while it is iterated, one file at a time,
+    and frees each full-size image when the next one is asked for: the preprocessing that consumes it keeps
+    only 224 x 224 pixels per image. Memory per decoding thread is therefore one full-size image (3 bytes a
+    pixel for RGB, up to about 8 during an RGBA or EXIF-rotation conversion), however large the batch; the
+    pixel limit bounds that image. The decode is full size because the exact path must equal open_clip's
+    transform (a bicubic resize of the whole image); JPEG draft decoding would change the pixels.
+    """
 
     def __init__(self, root: Path, rels: list[str], *, max_pixels: int):
         self.root, self.rels, self.max_pixels = root, rels, max_pixels
@@ -238,62 +279,47 @@ class FolderSource:
     def __len__(self) -> int:
         return len(self.rels)
 
-    def load(self, start: int, stop: int) -> list:
-        from PIL import Image
-
+    def load(self, start: int, stop: int) -> "DecodedImages":
         if not self.root.is_dir():  # e.g. a Ray worker on another machine, without the folder at this path
             import socket
 
             raise DatasetError(f"the image folder {self.root} is not readable on {socket.gethostname()}: with "
                                "--engine ray on a cluster, every node must see the folder at the same path")
         allow_pixels(self.max_pixels)  # PIL's guard is per process: a Ray worker's is still at PIL's default
-        out = []
-        for i in range(start, stop):
-            try:
-                out.append(decode_image(self.root / self.rels[i], max_pixels=self.max_pixels))
-            except ImageSkipped as exc:
-                self.failed[i] = exc.reason
-                out.append(Image.new("RGB", (8, 8)))  # the indexer drops its row
-        return out
+        return DecodedImages(self, range(start, stop))
+
+    def decode(self, i: int):
+        """Image ``i`` as RGB, or an 8 x 8 black stand-in (the indexer drops its row) with the reason recorded."""
+        from PIL import Image
+
+        try:
+            with open_regular(self.root / self.rels[i], root=self.root) as f:
+                return decode_image(f, max_pixels=self.max_pixels)
+        except ImageSkipped as exc:
+            self.failed[i] = exc.reason
+        except OSError as exc:  # gone, swapped for a FIFO or a link out of the folder since it was listed
+            self.failed[i] = f"cannot read ({exc.strerror or type(exc).__name__})"
+        return Image.new("RGB", (8, 8))
 
 
-# --------------------------------------------------------------------------- sidecars
+class DecodedImages(Sequence):
+    """Images of a FolderSource, decoded on demand; iterating closes each image when the next is decoded."""
 
+    def __init__(self, source: FolderSource, rows: range):
+        self.source, self.rows = source, rows
 
-def read_sidecar(image_path: str | Path) -> tuple[str | None, str | None]:
-    """(caption, metadata JSON text) from ``photo.txt``/``photo.json`` or ``photo.jpg.txt``/``photo.jpg.json``.
+    def __len__(self) -> int:
+        return len(self.rows)
 
-    A ``.txt`` sidecar is the caption. A ``.json`` sidecar is kept whole as metadata, and its "caption"
-    (or "title" or "description") string becomes the caption when there is no ``.txt``. Unreadable or
-    oversized sidecars are ignored with a warning: a caption is never worth failing an image for.
-    """
-    p = Path(image_path)
-    caption = meta = None
-    for suffix in (".txt", ".json"):
-        for cand in (p.with_suffix(suffix), p.with_name(p.name + suffix)):
-            try:
-                if not cand.is_file():
-                    continue
-                if cand.stat().st_size > SIDECAR_MAX_BYTES:
-                    log.warning("sidecar %s is over %d bytes; ignored", cand.name, SIDECAR_MAX_BYTES)
-                    continue
-                text = cand.read_text(encoding="utf-8").strip()
-            except (OSError, UnicodeDecodeError) as exc:
-                log.warning("cannot read sidecar %s (%s); ignored", cand, type(exc).__name__)
-                continue
-            if suffix == ".txt":
-                caption = caption or text or None
-            else:
-                try:
-                    obj = json.loads(text)
-                except ValueError:
-                    log.warning("sidecar %s is not valid JSON; ignored", cand)
-                    continue
-                meta = json.dumps(obj, sort_keys=True, ensure_ascii=False)
-                if isinstance(obj, dict) and caption is None:
-                    for key in ("caption", "title", "description"):
-                        if isinstance(obj.get(key), str) and obj[key].strip():
-                            caption = obj[key].strip()
-                            break
-            break  # the first existing sidecar of each kind wins
-    return caption, meta
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        return self.source.decode(self.rows[k])
+
+    def __iter__(self) -> Iterator:
+        previous = None
+        for i in self.rows:
+            if previous is not None:
+                previous.close()  # its pixels were consumed: release them before the next full-size decode
+            previous = self.source.decode(i)
+            yield previous

@@ -60,6 +60,8 @@ class FaissIndex:
         self.store = store
         self.factory = factory
         self.paths = paths
+        check_search_knob("efSearch", ef_search)
+        check_search_knob("nprobe", nprobe)
         self.ef_search = ef_search
         self.nprobe = nprobe
         if int(k_factor) < 1:
@@ -82,7 +84,9 @@ class FaissIndex:
         from tqdm import tqdm
 
         n, dim = len(store), store.dim
-        index = _make(factory, dim)
+        for knob, key in (("efSearch", "ef_search"), ("nprobe", "nprobe")):  # said now, not after the build
+            check_search_knob(knob, search_options.get(key))
+        index = _make(factory, dim, n)
         hnsw = _find_hnsw(index)
         if ef_construction is not None:
             if hnsw is None:
@@ -164,6 +168,8 @@ class FaissIndex:
         k = min(int(k), available)
         if k <= 0:
             return np.zeros((len(q), 0), np.float32), np.zeros((len(q), 0), np.int64)
+        check_search_knob("efSearch", ef_search)
+        check_search_knob("nprobe", nprobe)
         ef_search = ef_search if ef_search is not None else self.ef_search
         nprobe = nprobe if nprobe is not None else self.nprobe
         if ef_search is not None and "hnsw" not in self._kind:
@@ -195,9 +201,44 @@ class FaissIndex:
 # --------------------------------------------------------------------------- helpers
 
 
-def _make(factory: str, dim: int):
+# Limits on the numbers in a factory string, checked before FAISS allocates anything: "IVF1000000000,Flat"
+# would allocate a billion inverted lists (tens of GB) before complaining that it cannot be trained.
+_MAX_FACTORY_CHARS = 200
+_MAX_IVF_LISTS = 1 << 20  # inverted lists (an empty list costs ~48 bytes); billion-vector indexes use 2**16..2**20
+_MAX_HNSW_M = 512  # neighbours per node; 32 is usual, 64 large
+_MAX_BITS = 16  # "x<bits>": codebook entries per sub-quantizer are 2**bits (IMI2x<bits>: 4**bits lists, max 10)
+_MAX_NUMBER = 1 << 16  # any other number (PCA/OPQ output dims, LSH bits, ...): a dim x number matrix
+MAX_EF_SEARCH = 1 << 16  # efSearch and nprobe: a search allocates this many candidates per query
+
+
+def check_factory(factory: str, dim: int, n: int) -> str:
+    """The stripped factory string, or BackendError when it is empty, absurd or cannot fit this index."""
+    hint = 'use e.g. "Flat", "HNSW32" or "IVF4096,PQ64"'
     if not isinstance(factory, str) or not factory.strip():
-        raise BackendError('empty FAISS factory string: use e.g. "Flat", "HNSW32" or "IVF4096,PQ64"')
+        raise BackendError(f"empty FAISS factory string: {hint}")
+    factory = factory.strip()
+    if len(factory) > _MAX_FACTORY_CHARS or not re.fullmatch(r"[A-Za-z0-9_,.=\-]+", factory):
+        raise BackendError(f"bad FAISS factory string {factory[:60]!r} (only letters, digits and , _ . = -): {hint}")
+    for kind, number in re.findall(r"(IMI2x|IVF|HNSW|PQ|x|[A-Za-z]*)(\d+)", factory):
+        value = int(number)
+        limit = {"IVF": _MAX_IVF_LISTS, "HNSW": _MAX_HNSW_M, "PQ": dim, "x": _MAX_BITS, "IMI2x": 10}.get(
+            kind, _MAX_NUMBER)
+        if value > limit:
+            what = {"IVF": f"{value} inverted lists", "HNSW": f"{value} neighbours per node",
+                    "PQ": f"{value} sub-quantizers for {dim} dimensions", "x": f"{value}-bit codes",
+                    "IMI2x": f"4**{value} inverted lists"}.get(kind, f"the number {value}")
+            raise BackendError(f"FAISS factory string {factory!r} asks for {what}, over the limit of {limit}: {hint}")
+    return factory
+
+
+def check_search_knob(name: str, value) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                              or not 1 <= value <= MAX_EF_SEARCH):
+        raise BackendError(f"{name} must be a whole number from 1 to {MAX_EF_SEARCH}, got {value!r}")
+
+
+def _make(factory: str, dim: int, n: int):
+    factory = check_factory(factory, dim, n)
     try:
         return faiss.index_factory(dim, factory.strip(), faiss.METRIC_INNER_PRODUCT)
     except RuntimeError as exc:

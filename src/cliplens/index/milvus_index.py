@@ -60,6 +60,16 @@ def _quiet_grpc_server() -> None:
     grpc_log = logging.getLogger("grpc._server")
     if not any(isinstance(f, _DropUnimplemented) for f in grpc_log.filters):
         grpc_log.addFilter(_DropUnimplemented())
+_VALID_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_collection_name(name: str) -> str:
+    """``name`` if Milvus accepts it as a collection name (a letter or _, then letters, digits, _; at most 255)."""
+    if not isinstance(name, str) or len(name) > _NAME_LEN or not _VALID_NAME.fullmatch(name):
+        shown = name[:40] + "..." if isinstance(name, str) and len(name) > 40 else name
+        raise BackendError(f"{shown!r} is not a valid Milvus collection name: use letters, digits and _ (starting "
+                           f"with a letter or _), at most {_NAME_LEN} characters")
+    return name
 
 
 def connect(store, *, uri: str | None = None, timeout: float = 10.0):
@@ -112,8 +122,8 @@ class MilvusIndex:
         from pymilvus import DataType, MilvusClient
         from tqdm import tqdm
 
+        name = check_collection_name(collection) if collection else default_collection(store)
         client, uri = connect(store, uri=uri, timeout=timeout)
-        name = collection or default_collection(store)
         n, dim = len(store), store.dim
         fields = [c for c in (*_LABEL_FIELDS, *_TEXT_FIELDS) if c in store.items]
         if client.has_collection(name):
@@ -154,8 +164,8 @@ class MilvusIndex:
     @classmethod
     def open(cls, store, *, uri: str | None = None, collection: str | None = None, timeout: float = 10.0,
              search_params: dict | None = None) -> "MilvusIndex":
+        name = check_collection_name(collection) if collection else default_collection(store)
         client, uri = connect(store, uri=uri, timeout=timeout)
-        name = collection or default_collection(store)
         if not client.has_collection(name):
             raise BackendError(f"no Milvus collection {name!r} at {uri}: build it with {_hint(store)}")
         key = (client.describe_collection(name).get("properties") or {}).get(STORE_PROPERTY)

@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cliplens._safe import redact_paths
 from cliplens.errors import CliplensError
 from cliplens.prompts import TEMPLATE_SETS
 from cliplens.query import Term, parse_query, parse_where, resolve_templates, run_query
@@ -44,11 +45,18 @@ class WebLimits:
     default_k: int = 24
 
 
-def create_app(indexes: Mapping[str, object], *, limits: WebLimits = WebLimits()):
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")
+
+
+def create_app(indexes: Mapping[str, object], *, limits: WebLimits = WebLimits(),
+               allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS):
     """``indexes``: name -> Searcher (anything with ``.encoder``, ``.store``, ``.search_vector``), first = default.
 
     The encoders must already be loaded. Indexes that share an encoder object share one
     :class:`EncoderService` (one worker thread per model), stopped when the app shuts down.
+
+    ``allowed_hosts``: the names this server answers to. A request whose ``Host`` header names anything else
+    gets 400, so a web page that rebinds its own DNS name to 127.0.0.1 cannot read the API from a browser.
     """
     if not indexes:
         raise CliplensError("no index to serve: pass --index-dir")
@@ -65,14 +73,25 @@ def create_app(indexes: Mapping[str, object], *, limits: WebLimits = WebLimits()
         for svc in services.values():
             svc.close()
 
+    # docs_url/redoc_url off: FastAPI's viewers load their scripts from a CDN (a third party sees every visit);
+    # the schema itself stays at /openapi.json.
     app = FastAPI(title="cliplens", summary="Semantic image search with CLIP", version=_version(),
-                  lifespan=lifespan)
+                  lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.services = services
     app.state.limits = limits
+    hosts = frozenset(h.strip().lower().strip("[]") for h in allowed_hosts if h.strip())
 
     # ------------------------------------------------------------------ errors: always JSON
     def error(status: int, message: str) -> JSONResponse:
-        return JSONResponse({"error": message, "status": status}, status_code=status)
+        # never a filesystem path: the client may be anyone the server is reachable from
+        return JSONResponse({"error": redact_paths(message), "status": status}, status_code=status)
+
+    @app.middleware("http")
+    async def _check_host(request: Request, call_next):
+        if _host_name(request.headers.get("host", "")) not in hosts:
+            return error(400, "this server does not answer to that Host name; "
+                              "start `cliplens serve` with --allow-host NAME to add it")
+        return await call_next(request)
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
@@ -272,6 +291,14 @@ def _decode_upload(data: bytes, max_pixels: int):
         raise ApiError(413, f"image too large: {exc.reason}") from None
     except ImageSkipped as exc:
         raise ApiError(422, f"cannot read the uploaded image: {exc.reason}") from None
+
+
+def _host_name(header: str) -> str:
+    """The name in a ``Host`` header, lower case, without the port: "[::1]:8000" -> "::1"."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[1:].split("]", 1)[0]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
 
 
 def _version() -> str:

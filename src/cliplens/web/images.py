@@ -14,10 +14,13 @@ from collections import OrderedDict
 
 import numpy as np
 
-from cliplens.datasets.folder import DEFAULT_MAX_MEGAPIXELS, ImageSkipped, decode_image, safe_join
+from cliplens.datasets.folder import DEFAULT_MAX_MEGAPIXELS, ImageSkipped, decode_image, open_regular, safe_join
 from cliplens.errors import DatasetError
 
 THUMB_SIZES = (64, 128, 256, 512, 1024)
+# Decodes in flight at once. A PNG (which has no reduced decode) costs its full size while decoding, so this
+# bounds the server's image memory at about this many images at the pixel limit; JPEGs cost 1/64 of that.
+_DECODES = threading.BoundedSemaphore(2)
 
 
 class ImageNotAvailable(Exception):
@@ -71,12 +74,17 @@ def item_image(store, item_id: int, size: int) -> tuple[bytes, str]:
     if not path.is_file():
         raise ImageNotAvailable(f"the image file of item {item_id} is gone; run `cliplens index` on the folder again")
     max_pixels = int(float(source.get("max_megapixels") or DEFAULT_MAX_MEGAPIXELS) * 1_000_000)
-    try:
-        im = decode_image(path, max_pixels=max_pixels)
-    except ImageSkipped as exc:
-        raise ImageNotAvailable(f"cannot show item {item_id}: {exc.reason}") from None
-    im.thumbnail((size, size), Image.Resampling.LANCZOS)
-    return _encode(im, "JPEG")
+    with _DECODES:  # at most this many images decoding at once, whatever the number of requests
+        try:
+            with open_regular(path, root=source["root"]) as f:
+                # JPEGs decode at a reduced DCT scale, never full size: twice the thumbnail keeps LANCZOS sharp
+                im = decode_image(f, max_pixels=max_pixels, reduce_to=2 * size)
+        except ImageSkipped as exc:
+            raise ImageNotAvailable(f"cannot show item {item_id}: {exc.reason}") from None
+        except OSError as exc:
+            raise ImageNotAvailable(f"cannot show item {item_id}: cannot read it ({exc.strerror})") from None
+        im.thumbnail((size, size), Image.Resampling.LANCZOS)
+        return _encode(im, "JPEG")
 
 
 def _encode(im, fmt: str) -> tuple[bytes, str]:

@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from cliplens._safe import MAX_JSON_DEPTH, json_depth
 from cliplens.query import MAX_TERMS, MAX_WEIGHT, Term, parse_query
 
 
@@ -52,6 +53,8 @@ class SearchBody(BaseModel):
     # ---------------------------------------------------------------- building
     @classmethod
     def parse(cls, raw_body: bytes, limits) -> "SearchBody":
+        if json_depth(raw_body) > MAX_JSON_DEPTH:  # Python's parser would recurse once per level, then crash
+            raise ApiError(400, f"the body nests deeper than {MAX_JSON_DEPTH} levels")
         try:
             data = json.loads(raw_body or b"null")
         except ValueError:
