@@ -111,6 +111,13 @@ def _logits(clf, x: np.ndarray, num_classes: int) -> np.ndarray:
     return out
 
 
+def fit_logits(x: np.ndarray, y: np.ndarray, test_x: np.ndarray, *, c: float, num_classes: int,
+               config: ProbeConfig = ProbeConfig()) -> np.ndarray:
+    """One fit at a fixed C (no sweep) and its (N, C) decision scores on ``test_x``: the few-shot study's 1-shot case."""
+    clf = _fit(np.asarray(x, np.float32), np.asarray(y, np.int64), c, config)
+    return _logits(clf, np.asarray(test_x, np.float32), num_classes)
+
+
 def _top1(clf, x, y, num_classes: int) -> float:
     return M.topk_accuracy(_logits(clf, x, num_classes), y, 1)
 
