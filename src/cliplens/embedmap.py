@@ -23,7 +23,7 @@ from cliplens.errors import CliplensError
 log = logging.getLogger(__name__)
 
 METHODS = ("pca", "tsne", "umap")
-LIBRARIES = {"pca": ("numpy",), "tsne": ("opentsne", "sklearn"), "umap": ("umap-learn",)}
+LIBRARIES = {"pca": ("numpy",), "tsne": ("sklearn", "opentsne"), "umap": ("umap-learn",)}
 PARAMS = {"pca": {}, "tsne": {"perplexity": 30.0}, "umap": {"n_neighbors": 15, "min_dist": 0.1}}
 CACHE_PREFIX = "projection-"
 

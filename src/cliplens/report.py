@@ -192,21 +192,28 @@ def render_markdown(title: str, sections: Sequence[Section]) -> str:
     return "\n".join(lines)
 
 
-def write_report(report: EvalReport, out_dir: str | Path, *, ks: Sequence[int], images: np.ndarray | None = None,
-                 json_path: str | Path | None = None) -> dict[str, Path]:
-    """Write metrics.json, report.md, figures/*.png and report.html into ``out_dir``; return their paths."""
+def write_document(out_dir: str | Path, title: str, sections: Sequence[Section], metrics: dict, *,
+                   json_path: str | Path | None = None) -> dict[str, Path]:
+    """metrics.json, report.md, figures/*.png and report.html of any study into ``out_dir``; their paths."""
     out = Path(out_dir)
-    sections = build_sections(report, ks=ks, images=images)
-    metrics = dumps(report.to_json()) + "\n"
+    text = dumps(metrics) + "\n"
     paths = {"metrics": out / "metrics.json", "markdown": out / "report.md", "html": out / "report.html"}
-    write_bytes_atomic(paths["metrics"], metrics.encode())
+    write_bytes_atomic(paths["metrics"], text.encode())
     if json_path is not None:
         paths["json"] = Path(json_path)
-        write_bytes_atomic(paths["json"], metrics.encode())
+        write_bytes_atomic(paths["json"], text.encode())
     for s in sections:
         for b in s.blocks:
             if isinstance(b, Figure):
                 write_bytes_atomic(out / "figures" / f"{b.key}.png", b.png)
-    write_bytes_atomic(paths["markdown"], render_markdown(TITLE, sections).encode())
-    write_bytes_atomic(paths["html"], render_html(TITLE, sections).encode())
+    write_bytes_atomic(paths["markdown"], render_markdown(title, sections).encode())
+    write_bytes_atomic(paths["html"], render_html(title, sections).encode())
     return paths
+
+
+def write_report(report: EvalReport, out_dir: str | Path, *, ks: Sequence[int], images: np.ndarray | None = None,
+                 json_path: str | Path | None = None, extra_sections: Sequence[Section] = ()) -> dict[str, Path]:
+    """Write metrics.json, report.md, figures/*.png and report.html into ``out_dir``; return their paths."""
+    sections = build_sections(report, ks=ks, images=images)
+    sections[-1:-1] = list(extra_sections)  # before "About these numbers"
+    return write_document(out_dir, TITLE, sections, report.to_json(), json_path=json_path)

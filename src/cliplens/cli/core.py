@@ -114,9 +114,12 @@ def open_searcher(args):
 def cmd_search(args) -> int:
     from cliplens.query import search_words
 
+    from cliplens.cli.study import resolve_min_score
+
     searcher = open_searcher(args)
+    min_score = resolve_min_score(args.min_score, searcher, args.template)
     result = search_words(searcher, args.query, args.k, images=args.image, similar=args.similar, where=args.where,
-                          min_score=args.min_score, template=args.template, raw=args.raw)
+                          min_score=min_score, template=args.template, raw=args.raw)
     if args.json:
         print(json.dumps(result.to_json(), indent=2))
     else:
@@ -267,7 +270,11 @@ def register(sub) -> None:
     p.add_argument("--similar", action="append", default=[], type=int, metavar="ID", help="more like item ID")
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                    help="filter: label=..., superclass=..., path=GLOB, caption=... (repeatable)")
-    p.add_argument("--min-score", type=float, default=None, help="drop hits below this cosine similarity")
+    from cliplens.cli.study import min_score_arg
+
+    p.add_argument("--min-score", type=min_score_arg, default=None,
+                   help="drop hits below this cosine similarity; 'calibrated': the threshold `cliplens calibrate` "
+                        "recorded for this model and template")
     p.add_argument("--index-dir", type=Path, default=None)
     p.add_argument("-k", type=int, default=10, help="number of results (1..N)")
     p.add_argument("--template", "--templates", default="a photo of a {}.", metavar="TEMPLATE|SET",
