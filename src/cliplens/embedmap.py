@@ -1,8 +1,9 @@
 """The embedding space in 2-D: PCA, t-SNE or UMAP of an index's vectors, cached in the index folder, and a plot.
 
 Libraries (measured by ``bench/bench_map.py`` on 10,000 x 512 clustered unit vectors, docs/study.md): PCA is an
-SVD in numpy (well under a second); t-SNE uses openTSNE (FFT-accelerated, several times faster here than
-scikit-learn's Barnes-Hut t-SNE, which stays available as ``library="sklearn"``); UMAP uses umap-learn.
+eigendecomposition of the D x D covariance in numpy; t-SNE uses scikit-learn's Barnes-Hut t-SNE (already in the
+``eval`` extra, and faster here than openTSNE, which stays available as ``library="opentsne"`` when installed);
+UMAP needs umap-learn (the ``map`` extra), the slowest of the three here.
 Projections are cached in the index folder as ``projection-<method>-<key>.npy`` (a name only cliplens writes,
 written under a temporary name and renamed), keyed by method, library, parameters, seed and the index's identity,
 so a rebuilt index never reads a stale map. Points are coloured by superclass, else by class, else by folder.
@@ -34,9 +35,12 @@ class MapError(CliplensError):
 
 def _need(module: str, extra: str):
     import importlib
+    import warnings
 
     try:
-        return importlib.import_module(module)
+        with warnings.catch_warnings():  # umap-learn warns at import that its optional TensorFlow part is absent
+            warnings.simplefilter("ignore", ImportWarning)
+            return importlib.import_module(module)
     except ImportError:
         raise MapError(f"this projection needs {extra}: pip install 'cliplens[eval]'") from None
 
@@ -54,9 +58,9 @@ def project(x: np.ndarray, *, method: str = "pca", seed: int = 0, library: str |
     if len(x) < 3:
         raise MapError(f"a map needs at least 3 items, the index has {len(x)}")
     if method == "pca":
-        centred = x - x.mean(axis=0)
-        _, _, vt = np.linalg.svd(centred, full_matrices=False)
-        out = centred @ vt[:2].T
+        centred = x.astype(np.float64) - x.mean(axis=0, dtype=np.float64)
+        _, vecs = np.linalg.eigh(centred.T @ centred)  # D x D covariance: cheaper than an SVD of N x D
+        out = centred @ vecs[:, ::-1][:, :2]
         out *= np.sign(out[np.argmax(np.abs(out), axis=0), [0, 1]])  # fix the SVD's sign freedom
         return out.astype(np.float32)
     if method == "tsne":
