@@ -45,10 +45,14 @@ def pr_curve(scores: np.ndarray, relevant: np.ndarray) -> dict:
     return {"threshold": s[last], "precision": tp[last] / (last + 1), "recall": tp[last] / total}
 
 
-def calibrate(emb: np.ndarray, labels: np.ndarray, class_emb: np.ndarray, *, target: float = DEFAULT_TARGET) -> dict:
-    """The threshold, its precision and recall, and a thinned curve (see the module docstring)."""
+def check_target(target: float) -> None:
     if not 0 < target <= 1:
         raise CalibrationError(f"the target precision must lie in (0, 1], got {target}")
+
+
+def calibrate(emb: np.ndarray, labels: np.ndarray, class_emb: np.ndarray, *, target: float = DEFAULT_TARGET) -> dict:
+    """The threshold, its precision and recall, and a thinned curve (see the module docstring)."""
+    check_target(target)
     labels = np.asarray(labels, np.int64)
     scores = np.asarray(class_emb, np.float32) @ np.asarray(emb, np.float32).T  # (C, N)
     relevant = np.arange(len(class_emb))[:, None] == labels[None, :]

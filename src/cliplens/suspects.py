@@ -145,7 +145,9 @@ def read_reference(path: str | Path, count: int) -> np.ndarray:
     try:
         values = json.loads(text) if path.suffix.lower() == ".json" else \
             [line.split("#")[0].strip() for line in text.splitlines()]
-        ids = [int(v) for v in values if str(v).strip() != ""] if isinstance(values, list) else None
+        if not isinstance(values, list) or any(isinstance(v, (bool, float)) for v in values):
+            raise TypeError("not a list of whole numbers")
+        ids = [int(v) for v in values if str(v).strip() != ""]
     except (ValueError, TypeError):
         ids = None
     if ids is None:

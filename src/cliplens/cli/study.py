@@ -93,10 +93,10 @@ def cmd_fewshot(args) -> int:
     train = _labelled(args.train_index_dir, "--train-index-dir", "fewshot")
     test = _labelled(args.index_dir, "--index-dir", "fewshot")
     check_compatible(train.manifest, test.manifest)
-    encoder = _encoder(args, test)
-    class_emb = _classifier(args, test, encoder)
     config = FewShotConfig(shots=args.shots, seeds=args.seeds, methods=tuple(args.methods or METHODS),
                            val_fraction=args.val_fraction, probe=ProbeConfig(cs=args.cs), progress=not args.quiet)
+    encoder = _encoder(args, test)
+    class_emb = _classifier(args, test, encoder)
     result = run_fewshot(train.embeddings, train.labels, np.asarray(test.embeddings), test.labels, class_emb,
                          num_classes=len(test.class_names), config=config)
     result.update(train_index=str(train.root), test_index=str(test.root), model=test.manifest["model"],
@@ -242,10 +242,11 @@ def cmd_compare(args) -> int:
 
 # --------------------------------------------------------------------------- calibrate
 def cmd_calibrate(args) -> int:
-    from cliplens.calibrate import calibrate, record
+    from cliplens.calibrate import calibrate, check_target, record
     from cliplens.prompts import english_classname, wrap_query
     from cliplens.study_report import calibration_sections
 
+    check_target(args.target)
     store = _labelled(args.index_dir, "--index-dir", "calibrate")
     encoder = _encoder(args, store)
     prompts = [wrap_query(english_classname(n), args.template) for n in store.class_names]
