@@ -22,17 +22,6 @@ CASES = {"tractor": ["a tractor", "a tank"], "tulip": ["a tulip", "a flower with
 
 
 @pytest.fixture(scope="module")
-def train_index(tmp_path_factory, cifar_root, tiny_encoder):
-    from cliplens.datasets import load_cifar
-    from cliplens.embed import index_labeled
-
-    out = tmp_path_factory.mktemp("train") / "cifar100-train"
-    data = load_cifar("cifar100", "train", data_dir=cifar_root, verify=False, progress=False)
-    index_labeled(data, tiny_encoder, out, batch_size=100, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def evaluated(tiny_index, tmp_path_factory):
     """One `cliplens evaluate` run with every part switched on, shared by the checks below."""
     tmp = tmp_path_factory.mktemp("evaluate")

@@ -19,17 +19,6 @@ from cliplens.store import IndexStore
 
 
 @pytest.fixture(scope="module")
-def train_index(tmp_path_factory, cifar_root, tiny_encoder):
-    from cliplens.datasets import load_cifar
-    from cliplens.embed import index_labeled
-
-    out = tmp_path_factory.mktemp("train") / "cifar100-train"
-    data = load_cifar("cifar100", "train", data_dir=cifar_root, verify=False, progress=False)
-    index_labeled(data, tiny_encoder, out, batch_size=100, progress=False)
-    return out
-
-
-@pytest.fixture(scope="module")
 def folder_index(tmp_path_factory, tiny_model):
     root = tmp_path_factory.mktemp("photos")
     photos = folder_fixture.make_folder(root / "photos")

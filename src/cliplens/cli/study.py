@@ -297,6 +297,14 @@ def _output_flags(p) -> None:
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
 
 
+def _study_flags(p, handler) -> None:
+    """The flags every labelled study shares: zero-shot classifier, output, model; then its handler."""
+    _zero_shot_flags(p)
+    _output_flags(p)
+    add_model_flags(p, for_query=True)
+    p.set_defaults(handler=handler)
+
+
 def register(sub) -> None:
     p = sub.add_parser("fewshot", help="how many labels beat zero-shot: probe, Tip-Adapter(-F), zero-shot-init probe",
                        description="Sample k labelled images per class from TRAIN (seeded), adapt, score on TEST.")
@@ -309,10 +317,7 @@ def register(sub) -> None:
     p.add_argument("--cs", type=_floats, default=(0.01, 0.1, 1.0, 10.0, 100.0, 1000.0, 10000.0),
                    help="the probe's C sweep (as `cliplens probe`)")
     p.add_argument("--val-fraction", type=float, default=0.25, help="share of each class's shots held out to validate")
-    _zero_shot_flags(p)
-    _output_flags(p)
-    add_model_flags(p, for_query=True)
-    p.set_defaults(handler=cmd_fewshot)
+    _study_flags(p, cmd_fewshot)
 
     p = sub.add_parser("suspects", help="labels worth a second look, and train/test near-duplicates",
                        description="Rank items whose label disagrees with zero-shot and with their nearest neighbours.")
@@ -322,17 +327,14 @@ def register(sub) -> None:
     p.add_argument("--neighbours", type=positive_int, default=10, help="nearest labelled neighbours (default 10)")
     p.add_argument("--reference", type=Path, default=None, help="known-bad item ids (one per line or a JSON list)")
     p.add_argument("--dup-threshold", type=float, default=None, help="near-duplicate cosine (default: measured)")
-    _zero_shot_flags(p)
-    _output_flags(p)
-    add_model_flags(p, for_query=True)
-    p.set_defaults(handler=cmd_suspects)
+    _study_flags(p, cmd_suspects)
 
     p = sub.add_parser("map", help="a 2-D map of the embeddings (PCA, t-SNE, UMAP)",
                        description="Project an index's embeddings to 2-D, coloured by superclass, class or folder.")
     p.add_argument("--index-dir", type=Path, default=None)
     p.add_argument("--method", default="pca", choices=["pca", "tsne", "umap"])
     p.add_argument("--library", default=None, choices=["numpy", "opentsne", "sklearn", "umap-learn"],
-                   help="t-SNE: opentsne (default) or sklearn")
+                   help="t-SNE: sklearn (default) or opentsne")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("map.png"), help="the PNG to write (default map.png)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
