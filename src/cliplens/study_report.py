@@ -26,7 +26,10 @@ def plot_fewshot(result: dict) -> bytes:
     """Top-1 vs shots per class (log x), mean with a +-std band per method, zero-shot as a line."""
     fig = _new(7.5, 4.8)
     ax = fig.add_subplot()
-    n_all = max(result["all_per_class"], 1)
+    numeric = [int(s) for s in result["shots"] if s != "all"]
+    # "all" sits at its images per class, or right of the largest k when the train set has fewer per class
+    n_all = max(result["all_per_class"], 2 * max(numeric, default=1) if result["all_per_class"] <= max(numeric, default=0)
+                else 1)
     for method in result["methods"]:
         rows = sorted((r for r in result["rows"] if r["method"] == method), key=lambda r: _x(r["shots"], n_all))
         if not rows:
@@ -39,7 +42,8 @@ def plot_fewshot(result: dict) -> bytes:
     ax.axvline(4, color=PUBLISHED, linestyle=":", label="published: zero-shot ~ 4-shot probe (CLIP paper)")
     ax.set_xscale("log", base=2)
     ticks = sorted({_x(s, n_all) for s in result["shots"]})
-    ax.set_xticks(ticks, [("all" if t == n_all and "all" in result["shots"] else f"{t:g}") for t in ticks])
+    ax.set_xticks(ticks, [(f"all\n({result['all_per_class']}/class)" if t == n_all and "all" in result["shots"]
+                           else f"{t:g}") for t in ticks])
     ax.set_xlabel("labelled images per class (log scale)", fontsize=10)
     ax.set_ylabel("test top-1 accuracy", fontsize=10)
     ax.tick_params(labelsize=9)
