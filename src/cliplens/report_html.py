@@ -154,7 +154,7 @@ td.num{text-align:right;font-variant-numeric:tabular-nums}
 figure{margin:10px 0 18px}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:12px;color:#56606b}.pub{color:#6b6b6b;font-style:italic}
 nav a{margin-right:12px;display:inline-block}.scroll{overflow-x:auto;max-width:100%}
-.warn{background:#fff3cd;border:1px solid #e0b000;padding:8px 12px}
+p,figcaption,h1,h2,h3{overflow-wrap:anywhere}.warn{background:#fff3cd;border:1px solid #e0b000;padding:8px 12px}
 @media (max-width:700px){main{padding:12px 10px 40px}body{font-size:15px}table{font-size:12px}
 th,td{padding:2px 5px}h1{font-size:20px}h2{font-size:17px}}
 """
