@@ -85,10 +85,13 @@ def test_evaluate_writes_a_complete_report(evaluated, tiny_index, capsys):
                     "### seal (2 images)", "## Low resolution", "published: linear probe top-1"):
         assert heading in md
     figures = sorted(p.name for p in (report / "figures").glob("*.png"))
-    assert figures == sorted(["template_comparison.png", "superclass_confusion.png", "per_class_ap.png",
-                              *(f"case_{c}.png" for c in CASES)])
+    confusions = [f for f in figures if f.startswith("confusion_")]  # example images of the top confusion pairs
+    assert 1 <= len(confusions) <= 10 and "## Embedding map" in md
+    assert sorted(set(figures) - set(confusions)) == sorted(["template_comparison.png", "superclass_confusion.png",
+                                                             "per_class_ap.png", "map_pca.png",
+                                                             *(f"case_{c}.png" for c in CASES)])
     html = (report / "report.html").read_text()
-    assert html.count('src="data:image/png;base64,') == 7 and "http" not in html
+    assert html.count('src="data:image/png;base64,') == 8 + len(confusions) and "http" not in html
 
 
 def test_text_cache_is_used_on_the_real_path(evaluated, tiny_index, capsys, monkeypatch):
