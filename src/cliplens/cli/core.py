@@ -114,7 +114,7 @@ def open_searcher(args):
 def cmd_search(args) -> int:
     from cliplens.query import search_words
 
-    from cliplens.cli.study import resolve_min_score
+    from cliplens.cli.study_models import resolve_min_score
 
     searcher = open_searcher(args)
     min_score = resolve_min_score(args.min_score, searcher, args.template)
@@ -270,7 +270,7 @@ def register(sub) -> None:
     p.add_argument("--similar", action="append", default=[], type=int, metavar="ID", help="more like item ID")
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                    help="filter: label=..., superclass=..., path=GLOB, caption=... (repeatable)")
-    from cliplens.cli.study import min_score_arg
+    from cliplens.cli.study_models import min_score_arg
 
     p.add_argument("--min-score", type=min_score_arg, default=None,
                    help="drop hits below this cosine similarity; 'calibrated': the threshold `cliplens calibrate` "
