@@ -79,6 +79,18 @@ def tiny_index(tmp_path_factory, cifar_test, tiny_encoder) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def train_index(tmp_path_factory, cifar_root, tiny_encoder) -> Path:
+    """The fixture's CIFAR-100 train split (5 images per class) indexed with the tiny model (read-only for tests)."""
+    from cliplens.datasets import load_cifar
+    from cliplens.embed import index_labeled
+
+    out = tmp_path_factory.mktemp("train") / "cifar100-train"
+    data = load_cifar("cifar100", "train", data_dir=cifar_root, verify=False, progress=False)
+    index_labeled(data, tiny_encoder, out, batch_size=100, progress=False)
+    return out
+
+
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)

@@ -95,6 +95,8 @@ def _fit(x: np.ndarray, y: np.ndarray, c: float, config: ProbeConfig):
     clf = LogisticRegression(C=c, solver="lbfgs", max_iter=config.max_iter, tol=config.tol, random_state=config.seed)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
+        # few shots per class (the few-shot study) are a classification problem, whatever this heuristic thinks
+        warnings.filterwarnings("ignore", message="The number of unique classes is greater than 50%")
         clf.fit(x, y)
     if any(issubclass(w.category, ConvergenceWarning) for w in caught):
         log.warning("L-BFGS did not converge in %d iterations at C=%g", config.max_iter, c)
@@ -109,6 +111,13 @@ def _logits(clf, x: np.ndarray, num_classes: int) -> np.ndarray:
         scores = np.stack([-scores, scores], axis=1)
     out[:, clf.classes_] = scores
     return out
+
+
+def fit_logits(x: np.ndarray, y: np.ndarray, test_x: np.ndarray, *, c: float, num_classes: int,
+               config: ProbeConfig = ProbeConfig()) -> np.ndarray:
+    """One fit at a fixed C (no sweep) and its (N, C) decision scores on ``test_x``: the few-shot study's 1-shot case."""
+    clf = _fit(np.asarray(x, np.float32), np.asarray(y, np.int64), c, config)
+    return _logits(clf, np.asarray(test_x, np.float32), num_classes)
 
 
 def _top1(clf, x, y, num_classes: int) -> float:

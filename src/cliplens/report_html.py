@@ -60,7 +60,7 @@ def plot_per_class_ap(ap: np.ndarray, names: Sequence[str], fine_to_coarse: np.n
     """Bars of each class's AP, best first, coloured by superclass."""
     ok = np.flatnonzero(~np.isnan(ap))
     order = ok[np.argsort(-ap[ok], kind="stable")]
-    fig = _new(max(8.0, 0.14 * len(order) + 2), 4.6)
+    fig = _new(max(8.0, 0.2 * len(order) + 2), 5.2)
     ax = fig.add_subplot()
     from matplotlib import colormaps
 
@@ -71,15 +71,16 @@ def plot_per_class_ap(ap: np.ndarray, names: Sequence[str], fine_to_coarse: np.n
 
         used = sorted({int(fine_to_coarse[i]) for i in order})
         ax.legend(handles=[Patch(color=cmap(s % 20), label=superclass_names[s].replace("_", " ")) for s in used],
-                  fontsize=6, ncol=2, loc="upper right", frameon=False)
+                  fontsize=8, ncol=2, loc="upper right", frameon=False)
     else:
         colours = MEASURED
     ax.bar(np.arange(len(order)), ap[order], color=colours, width=0.85)
-    ax.set_xticks(np.arange(len(order)), [names[i].replace("_", " ") for i in order], rotation=90, fontsize=6)
+    ax.set_xticks(np.arange(len(order)), [names[i].replace("_", " ") for i in order], rotation=90, fontsize=8)
     ax.set_xlim(-0.6, len(order) - 0.4)
     ax.set_ylim(0, 1)
-    ax.set_ylabel("average precision")
-    ax.set_title(title, fontsize=10)
+    ax.set_ylabel("average precision", fontsize=10)
+    ax.set_xlabel("class (best first)", fontsize=10)
+    ax.set_title(title, fontsize=11)
     return _png(fig)
 
 
@@ -92,10 +93,10 @@ def plot_confusion(cm: np.ndarray, names: Sequence[str], title: str) -> bytes:
     ax = fig.add_subplot()
     im = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
     labels = [s.replace("_", " ") for s in names]
-    ax.set_xticks(np.arange(n), labels, rotation=90, fontsize=7)
-    ax.set_yticks(np.arange(n), labels, fontsize=7)
-    ax.set_xlabel("predicted superclass")
-    ax.set_ylabel("true superclass")
+    ax.set_xticks(np.arange(n), labels, rotation=90, fontsize=9)
+    ax.set_yticks(np.arange(n), labels, fontsize=9)
+    ax.set_xlabel("predicted superclass", fontsize=10)
+    ax.set_ylabel("true superclass", fontsize=10)
     for i in range(n):
         for j in range(n):
             if cm[i, j]:
@@ -120,15 +121,15 @@ def plot_template_comparison(rows: Sequence[dict], published: Sequence[dict], ti
     for b in bars[len(rows):]:
         b.set_hatch("//")
     for x, v in enumerate(values):
-        ax.text(x, v + 0.01, f"{100 * v:.1f}%", ha="center", fontsize=7)
-    ax.set_xticks(np.arange(len(labels)), labels, rotation=35, ha="right", fontsize=7)
+        ax.text(x, v + 0.01, f"{100 * v:.1f}%", ha="center", fontsize=8)
+    ax.set_xticks(np.arange(len(labels)), labels, rotation=35, ha="right", fontsize=9)
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel("zero-shot top-1")
+    ax.set_ylabel("zero-shot top-1", fontsize=10)
     from matplotlib.patches import Patch
 
     ax.legend(handles=[Patch(color=MEASURED, label="measured here"),
                        Patch(facecolor=PUBLISHED, hatch="//", label="published (ViT-B/32 openai, not measured)")],
-              fontsize=7, loc="upper left", frameon=False)
+              fontsize=8, loc="upper left", frameon=False)
     ax.set_title(title, fontsize=10)
     return _png(fig)
 
@@ -152,7 +153,10 @@ th,td{border:1px solid #dde1e6;padding:3px 8px;text-align:left;vertical-align:to
 td.num{text-align:right;font-variant-numeric:tabular-nums}
 figure{margin:10px 0 18px}figure img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-size:12px;color:#56606b}.pub{color:#6b6b6b;font-style:italic}
-nav a{margin-right:12px}
+nav a{margin-right:12px;display:inline-block}.scroll{overflow-x:auto;max-width:100%}
+p,figcaption,h1,h2,h3{overflow-wrap:anywhere}.warn{background:#fff3cd;border:1px solid #e0b000;padding:8px 12px}
+@media (max-width:700px){main{padding:12px 10px 40px}body{font-size:15px}table{font-size:12px}
+th,td{padding:2px 5px}h1{font-size:20px}h2{font-size:17px}}
 """
 
 
@@ -174,11 +178,12 @@ def render_html(title: str, sections: Sequence[Section]) -> str:
         parts.append(f'<h{s.level} id="s{i}">{html.escape(s.title)}</h{s.level}>')
         for b in s.blocks:
             if isinstance(b, str):
-                parts.append(f"<p>{html.escape(b)}</p>")
+                cls = ' class="warn"' if b.startswith("Warning:") else ""
+                parts.append(f"<p{cls}>{html.escape(b)}</p>")
             elif isinstance(b, Table):
                 head = "".join(f"<th>{html.escape(h)}</th>" for h in b.headers)
                 body = "".join("<tr>" + "".join(_cell(c) for c in r) + "</tr>" for r in b.rows)
-                parts.append(f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>")
+                parts.append(f'<div class="scroll"><table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table></div>')
             elif isinstance(b, Figure):
                 data = base64.b64encode(b.png).decode("ascii")
                 parts.append(f'<figure><img src="data:image/png;base64,{data}" alt="{html.escape(b.caption)}">'

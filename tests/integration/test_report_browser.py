@@ -52,17 +52,23 @@ def test_report_opens_in_headless_chromium(report_html, tmp_path, playwright_api
             published = page.locator("td.pub").count()
             shot = tmp_path / "report.png"
             page.screenshot(path=str(shot), full_page=True)
+            phone = browser.new_page(viewport={"width": 390, "height": 844})  # fits a phone: no sideways page scroll
+            phone.goto(page_path.as_uri(), wait_until="load")
+            phone_width = phone.evaluate("document.documentElement.scrollWidth")
         finally:
             browser.close()
     assert problems == []
     assert [u for u in fetched if not u.startswith(("file:", "data:"))] == []
-    # 3 plots (template comparison, superclass confusion, per-class AP) and 4 case-study grids
-    assert len(images) == 7
+    # 3 plots (template comparison, superclass confusion, per-class AP), 4 case-study grids, and one grid of
+    # example images per frequent confusion pair (up to 10)
+    pairs = sum(1 for *_, alt in images if " predicted as " in alt)
+    assert 1 <= pairs <= 10 and len(images) == 7 + pairs
     for complete, width, height, alt in images:
         assert complete and width > 0 and height > 0, alt
     assert title == "cliplens evaluation"
     assert headings[:3] == ["Index and model", "Zero-shot classification", "Retrieval with class prompts"]
     assert "Low resolution" in headings and published == 4
+    assert phone_width <= 390
     from PIL import Image
 
     with Image.open(shot) as im:

@@ -46,7 +46,7 @@ def server(tiny_index, tmp_path, playwright_api):
                             stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + float(os.environ.get("CLIPLENS_TEST_SERVER_WAIT", "90"))  # a busy CI box: more
         while True:
             try:
                 with urllib.request.urlopen(url + "/healthz", timeout=2) as r:

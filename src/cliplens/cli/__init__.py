@@ -17,7 +17,8 @@ from cliplens._threads import calm_blas_threads
 from cliplens.errors import CliplensError
 
 # Modules that add subcommands, in help order. Each has ``register(subparsers)``.
-COMMAND_MODULES = ["cliplens.cli.core", "cliplens.cli.evaluate", "cliplens.cli.web", "cliplens.cli.bench", "cliplens.cli.scale"]
+COMMAND_MODULES = ["cliplens.cli.core", "cliplens.cli.evaluate", "cliplens.cli.web", "cliplens.cli.bench", "cliplens.cli.scale",
+                   "cliplens.cli.study", "cliplens.cli.study_models"]
 
 
 class _HelpFormatter(argparse.HelpFormatter):

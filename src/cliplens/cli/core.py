@@ -194,14 +194,17 @@ def cmd_search(args) -> int:
     from cliplens.cli.scale import backend_label, backend_settings
     from cliplens.query import search_words
 
+    from cliplens.cli.study_models import resolve_min_score
+
     searcher, index = open_searcher(args)
+    min_score = resolve_min_score(args.min_score, searcher, args.template)
     k = args.k
     if k > len(searcher.store) >= 1:
         print(f"cliplens: note: the index holds {len(searcher.store)} items, so showing {len(searcher.store)} "
               f"instead of {k}", file=sys.stderr)
         k = len(searcher.store)
     result = search_words(searcher, args.query, k, images=args.image, similar=args.similar, where=args.where,
-                          min_score=args.min_score, template=args.template, raw=args.raw)
+                          min_score=min_score, template=args.template, raw=args.raw)
     if args.json:
         print(json.dumps({**result.to_json(), "backend": backend_settings(args, index)}, indent=2))
     else:
@@ -359,7 +362,11 @@ def register(sub) -> None:
     p.add_argument("--similar", action="append", default=[], type=int, metavar="ID", help="more like item ID")
     p.add_argument("--where", action="append", default=[], metavar="KEY=VALUE",
                    help="filter: label=..., superclass=..., path=GLOB, caption=... (repeatable)")
-    p.add_argument("--min-score", type=cosine_float, default=None, help="drop hits below this cosine similarity (-1..1)")
+    from cliplens.cli.study_models import min_score_arg
+
+    p.add_argument("--min-score", type=min_score_arg, default=None,
+                   help="drop hits below this cosine similarity (-1..1); 'calibrated': the threshold "
+                        "`cliplens calibrate` recorded for this model and template")
     p.add_argument("--index-dir", type=Path, default=None, help=INDEX_DIR_HELP)
     p.add_argument("-k", type=int, default=10, help="number of results (1..N)")
     p.add_argument("--template", "--templates", default="a photo of a {}.", metavar="TEMPLATE|SET",

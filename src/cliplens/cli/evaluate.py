@@ -63,11 +63,23 @@ def cmd_evaluate(args) -> int:
     )
     encoder = load_model(args, store.manifest)
     report = evaluate_index(store, encoder, config, index=index, index_label=backend_label(args, index))
-    paths = write_report(report, args.out, ks=args.k, images=store.images(), json_path=args.json)
+    paths = write_report(report, args.out, ks=args.k, images=store.images(), json_path=args.json,
+                         extra_sections=[_map_section(store)])
     print(summary(report, args.k))
     print(f"\nreport: {paths['html']}  (also {paths['markdown'].name}, {paths['metrics'].name}"
           + (f"; metrics copied to {paths['json']}" if "json" in paths else "") + ")")
     return 0
+
+
+def _map_section(store):
+    """The embedding map (PCA, cached in the index folder) as a report section."""
+    from cliplens.embedmap import cached_projection, map_groups, plot_map
+    from cliplens.study_report import map_section
+
+    pts, _ = cached_projection(store, method="pca")
+    groups, names, kind = map_groups(store)
+    png = plot_map(pts, groups, names, f"PCA of {len(store)} image embeddings, by {kind}")
+    return map_section(png, "A 2-D view of the image embeddings; `cliplens map --method tsne` draws a t-SNE.", "pca", kind)
 
 
 def summary(report, ks) -> str:

@@ -29,6 +29,7 @@ from cliplens.query import Term, parse_query, parse_where, resolve_templates, ru
 from cliplens.web.images import THUMB_SIZES, ImageNotAvailable, ThumbnailCache, item_image
 from cliplens.web.schemas import ApiError, SearchBody, describe_index, item_json
 from cliplens.web.service import EncoderService
+from cliplens.web.study_routes import study_router
 
 log = logging.getLogger(__name__)
 
@@ -233,6 +234,8 @@ def create_app(indexes: Mapping[str, object], *, limits: WebLimits = WebLimits()
         check_item(searcher, item_id)
         return await run(index, [Term("item", item_id)], k, where=where, min_score=min_score,
                          query=f"more like #{item_id}")
+
+    app.include_router(study_router(indexes=indexes, searcher_for=searcher_for, services=services, run=run))
 
     @app.get("/", include_in_schema=False)
     async def page():

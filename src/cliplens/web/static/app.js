@@ -80,6 +80,7 @@
     setStatus(parts);
     const tiles = result.hits.map((h) => tile(h, result.index));
     results.replaceChildren(...tiles);
+    document.dispatchEvent(new CustomEvent("cliplens:results", { detail: result }));  // study.js rings these on its map
   }
 
   function tile(hit, index) {
