@@ -204,8 +204,10 @@ def cmd_map(args) -> int:
 # --------------------------------------------------------------------------- registration
 def _zero_shot_flags(p) -> None:
     p.add_argument("--templates", default="cifar100", metavar="NAME|FILE", help="zero-shot templates (default cifar100)")
-    p.add_argument("--classnames", default="english", choices=["english", "raw"])
-    p.add_argument("--ensemble", default="normalize-first", choices=["normalize-first", "average-first"])
+    p.add_argument("--classnames", default="english", choices=["english", "raw"],
+                   help="class names in the zero-shot prompts: english (aquarium fish) or raw (aquarium_fish)")
+    p.add_argument("--ensemble", default="normalize-first", choices=["normalize-first", "average-first"],
+                   help="prompt ensembling: normalise each prompt embedding before averaging, or after")
 
 
 def _output_flags(p) -> None:
@@ -248,11 +250,11 @@ def register(sub) -> None:
 
     p = sub.add_parser("map", help="a 2-D map of the embeddings (PCA, t-SNE, UMAP)",
                        description="Project an index's embeddings to 2-D, coloured by superclass, class or folder.")
-    p.add_argument("--index-dir", type=Path, default=None)
-    p.add_argument("--method", default="pca", choices=["pca", "tsne", "umap"])
+    p.add_argument("--index-dir", type=Path, default=None, help="the index to project (default: the default index)")
+    p.add_argument("--method", default="pca", choices=["pca", "tsne", "umap"], help="2-D projection")
     p.add_argument("--library", default=None, choices=["numpy", "opentsne", "sklearn", "umap-learn"],
                    help="t-SNE: sklearn (default) or opentsne")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the projection")
     p.add_argument("--out", type=Path, default=Path("map.png"), help="the PNG to write (default map.png)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.set_defaults(handler=cmd_map)

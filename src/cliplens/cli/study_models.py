@@ -112,7 +112,8 @@ def register(sub) -> None:
     p.add_argument("--seeds", type=positive_int, default=3, help="few-shot: seeds (default 3)")
     _zero_shot_flags(p)
     _output_flags(p)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where the models run; auto picks cuda, then mps, then cpu")
     p.set_defaults(handler=cmd_compare, precision="exact")
 
     p = sub.add_parser("calibrate", help="the cosine above which class-name queries reach a target precision",
