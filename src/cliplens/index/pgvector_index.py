@@ -30,6 +30,7 @@ import logging
 import re
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -100,11 +101,12 @@ class PgvectorIndex:
             raise BackendError(f"lists sets how an IVFFlat index is built, not {index}: use --pg-index ivfflat")
         target = resolve(store, uri)
         conn = connect(target)
-        check_extension(conn, target, create=True)
         name = table or default_table(store)
         params = {"m": m or 16, "ef_construction": ef_construction or 64} if index == "hnsw" else \
             {"lists": lists or max(1, min(len(store) // 1000, 4 * int(np.sqrt(len(store)))))} if index == "ivfflat" else {}
-        counts = sync_table(conn, target, store, name, index_kind=index, index_params=params, progress=progress)
+        with _closing_on_error(conn):
+            check_extension(conn, target, create=True)
+            counts = sync_table(conn, target, store, name, index_kind=index, index_params=params, progress=progress)
         log.info("pgvector table %s: %s", name, counts)
         opened = cls.open(store, uri=uri, table=name, _conn=(conn, target), **search_options)
         opened.sync_counts = counts
@@ -115,6 +117,11 @@ class PgvectorIndex:
              **search_options) -> "PgvectorIndex":
         conn, target = _conn if _conn is not None else (None, resolve(store, uri))
         conn = conn or connect(target)
+        with _closing_on_error(conn):
+            return cls._open(store, conn, target, table, search_options)
+
+    @classmethod
+    def _open(cls, store, conn, target, table: str | None, search_options: dict) -> "PgvectorIndex":
         check_extension(conn, target, create=False)
         hint = f"`cliplens build-index --index-dir {store.root} --backend pgvector --pg-uri {target.flag}`"
         has_meta = conn.execute("SELECT to_regclass(%s) IS NOT NULL", (META,)).fetchone()[0]
@@ -218,6 +225,20 @@ class PgvectorIndex:
 
     def close(self) -> None:
         self.conn.close()
+
+    def __del__(self):  # an index dropped without close() (a CLI command ending) closes its connection quietly
+        conn = getattr(self, "conn", None)
+        if conn is not None and not conn.closed:
+            conn.close()
+
+
+@contextmanager
+def _closing_on_error(conn):
+    try:
+        yield
+    except BaseException:
+        conn.close()
+        raise
 
 
 def _vector_text(vector: np.ndarray) -> str:
