@@ -25,7 +25,8 @@ from cliplens.index.pgvector_index import _COPY_ROWS, _REBUILD_FRACTION, META, m
 log = logging.getLogger(__name__)
 
 
-def sync_table(conn, target, store, name: str, *, index_kind: str, index_params: dict, progress: bool) -> dict:
+def sync_table(conn, target, store, name: str, *, index_kind: str, index_params: dict, btree: bool = True,
+               progress: bool) -> dict:
     from psycopg import sql
     from tqdm import tqdm
 
@@ -98,9 +99,12 @@ def sync_table(conn, target, store, name: str, *, index_kind: str, index_params:
         if rebuild and index_kind != "none":
             _create_index(conn, ident, index_name, index_kind, index_params, vector_type)
         for c in ("label", "superclass"):
-            if c in columns:
-                conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(
-                    sql.Identifier(f"{name[:50]}_{c}"), ident, sql.Identifier(c)))
+            btree_name = sql.Identifier(f"{name[:50]}_{c}")
+            if c in columns and btree:
+                conn.execute(sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} ({})").format(btree_name, ident,
+                                                                                       sql.Identifier(c)))
+            else:
+                conn.execute(sql.SQL("DROP INDEX IF EXISTS {}").format(btree_name))
         meta = meta_row(store, table=name, index_kind=index_kind, index_params=index_params, columns=columns,
                         vector_type=vector_type)
         conn.execute(sql.SQL("INSERT INTO {} (table_name, store_root, meta) VALUES (%s, %s, %s::jsonb) "

@@ -63,7 +63,7 @@ class PgvectorIndex:
 
     def __init__(self, *, conn, target, store, table: str, meta: dict, ef_search: int | None = None,
                  probes: int | None = None, scan: str = "auto", iterative_scan: str = "relaxed_order",
-                 extra: int = 8):
+                 extra: int = 8, fallback: bool = True):
         from psycopg import sql
 
         if scan not in SCANS:
@@ -72,6 +72,7 @@ class PgvectorIndex:
         self.kind = meta["index_kind"]
         self.ef_search, self.probes, self.scan, self.iterative_scan = ef_search, probes, scan, iterative_scan
         self.extra = int(extra)  # candidates beyond k, re-scored exactly: float rounding at the k-th place
+        self.fallback = fallback  # a filtered index scan that comes back short of k runs again, exactly
         self.columns = list(meta["columns"])
         self.vector_type = meta["vector_type"]
         self.ident = sql.Identifier(table)
@@ -80,6 +81,12 @@ class PgvectorIndex:
         self.last_params: tuple = ()
         self.fallbacks = 0  # queries that came back short from the index and ran again as a sequential scan
         self._lock = threading.Lock()  # one connection: one query at a time (serve answers from many threads)
+        self._sent: dict[str, str] = {}  # session settings already sent on this connection
+        # No prepared statements: a cached generic plan would keep the scan it was planned with (say, the HNSW
+        # index) after the settings change (scan="exact"); each query is planned afresh (~0.1 ms).
+        conn.prepare_threshold = None
+        _register_vector_dumper(conn, self.vector_type)
+        self._vector_dtype = ">f2" if self.vector_type == "halfvec" else ">f4"
         if ef_search is not None and self.kind != "hnsw":
             raise BackendError(f"efSearch applies to HNSW tables, not {table} ({self.kind})")
         if probes is not None and self.kind != "ivfflat":
@@ -89,8 +96,11 @@ class PgvectorIndex:
     @classmethod
     def build(cls, store, *, uri: str | None = None, table: str | None = None, index: str = "hnsw",
               m: int | None = None, ef_construction: int | None = None, lists: int | None = None,
-              progress: bool = True, **search_options) -> "PgvectorIndex":
-        """Create or sync the store's table (one transaction) and its vector index; returns it opened."""
+              btree: bool = True, progress: bool = True, **search_options) -> "PgvectorIndex":
+        """Create or sync the store's table (one transaction) and its vector index; returns it opened.
+
+        ``btree``: also index label and superclass (b-trees), so the planner can answer a selective class filter
+        from them exactly, without the vector index."""
         from cliplens.index.pg_build import sync_table
 
         if index not in INDEX_KINDS:
@@ -106,7 +116,8 @@ class PgvectorIndex:
             {"lists": lists or max(1, min(len(store) // 1000, 4 * int(np.sqrt(len(store)))))} if index == "ivfflat" else {}
         with _closing_on_error(conn):
             check_extension(conn, target, create=True)
-            counts = sync_table(conn, target, store, name, index_kind=index, index_params=params, progress=progress)
+            counts = sync_table(conn, target, store, name, index_kind=index, index_params=params, btree=btree,
+                                progress=progress)
         log.info("pgvector table %s: %s", name, counts)
         opened = cls.open(store, uri=uri, table=name, _conn=(conn, target), **search_options)
         opened.sync_counts = counts
@@ -174,7 +185,7 @@ class PgvectorIndex:
         with self._lock:
             for row, vector in enumerate(q):
                 ids = self._query(vector, clauses, limit, ef, probes, scan)
-                if len(ids) < limit and clauses and scan != "exact" and self.kind != "none":
+                if self.fallback and len(ids) < limit and clauses and scan != "exact" and self.kind != "none":
                     exact = self._query(vector, clauses, limit, ef, probes, "exact")
                     if len(exact) > len(ids):  # the index gave up before the filter let enough through
                         self.fallbacks += 1
@@ -187,22 +198,34 @@ class PgvectorIndex:
         from psycopg import sql
 
         where = " AND ".join(c.sql for c in clauses) or "TRUE"
-        text = f"SELECT id FROM {{}} WHERE {where} ORDER BY vector <=> %s::{self.vector_type} LIMIT %s"
-        params = tuple(p for c in clauses for p in c.params) + (_vector_text(vector), limit)
-        settings = {"enable_seqscan": "off"} if scan == "index" else \
-            {"enable_indexscan": "off", "enable_bitmapscan": "off"} if scan == "exact" else {}
+        text = f"SELECT id FROM {{}} WHERE {where} ORDER BY vector <=> %b LIMIT %s"
+        params = tuple(p for c in clauses for p in c.params) + (self._vector_param(vector), limit)
+        self._settings(ef=ef, probes=probes, scan=scan, limit=limit)
+        query = sql.SQL(("EXPLAIN " if explain else "") + text).format(self.ident)
+        self.last_sql, self.last_params = query.as_string(self.conn), params
+        return [r[0] for r in self.conn.execute(query, params).fetchall()]
+
+    def _vector_param(self, vector: np.ndarray) -> VectorParam:
+        head = np.array([len(vector), 0], dtype=">i2").tobytes()
+        return VectorParam(head + np.asarray(vector, dtype=self._vector_dtype).tobytes())
+
+    def _settings(self, *, ef, probes, scan: str, limit: int) -> None:
+        """Session settings for the next query, sent (in one statement) only when they change: a query is then
+        one round trip. The connection is this index's own, so session-level settings touch nobody else."""
+        want = {"enable_seqscan": "off" if scan == "index" else "on",
+                "enable_bitmapscan": "off" if scan in ("index", "exact") else "on",
+                "enable_indexscan": "off" if scan == "exact" else "on"}
         if self.kind == "hnsw":
-            settings["hnsw.ef_search"] = str(min(1000, max(ef or 40, limit)))  # pgvector's own range: 1..1000
-            settings["hnsw.iterative_scan"] = self.iterative_scan
+            want["hnsw.ef_search"] = str(min(1000, max(ef or 40, limit)))  # pgvector's own range: 1..1000
+            want["hnsw.iterative_scan"] = self.iterative_scan
         elif self.kind == "ivfflat":
-            settings["ivfflat.probes"] = str(probes or 1)
-            settings["ivfflat.iterative_scan"] = "off" if self.iterative_scan == "off" else "relaxed_order"
-        with self.conn.transaction():
-            for key, value in settings.items():  # set_config(..., true): for this transaction only
-                self.conn.execute("SELECT set_config(%s, %s, true)", (key, value))
-            query = sql.SQL(("EXPLAIN " if explain else "") + text).format(self.ident)
-            self.last_sql, self.last_params = query.as_string(self.conn), params
-            return [r[0] for r in self.conn.execute(query, params).fetchall()]
+            want["ivfflat.probes"] = str(probes or 1)
+            want["ivfflat.iterative_scan"] = "off" if self.iterative_scan == "off" else "relaxed_order"
+        changed = {k: v for k, v in want.items() if self._sent.get(k) != v}
+        if changed:
+            calls = ", ".join(["set_config(%s, %s, false)"] * len(changed))
+            self.conn.execute(f"SELECT {calls}", tuple(x for kv in changed.items() for x in kv))
+            self._sent.update(changed)
 
     def explain(self, vector: np.ndarray, *, where=(), k: int = 10, scan: str | None = None) -> str:
         """The database's plan for one query (EXPLAIN), e.g. to see whether the HNSW index is used."""
@@ -241,8 +264,31 @@ def _closing_on_error(conn):
         raise
 
 
-def _vector_text(vector: np.ndarray) -> str:
-    return "[" + ",".join(repr(float(x)) for x in vector) + "]"
+class VectorParam:
+    """A query vector sent in pgvector's binary format (int16 dim, int16 0, big-endian floats): no text to print
+    and parse, 2 KiB on the wire instead of ~10 KiB."""
+
+    def __init__(self, data: bytes):
+        self.data = data
+
+
+def _register_vector_dumper(conn, vector_type: str) -> None:
+    from psycopg.adapt import Dumper
+    from psycopg.pq import Format
+    from psycopg.types import TypeInfo
+
+    info = TypeInfo.fetch(conn, vector_type)
+    if info is None:
+        raise BackendError(f"the database has no {vector_type} type: is the vector extension installed?")
+
+    class _Dumper(Dumper):
+        format = Format.BINARY
+        oid = info.oid
+
+        def dump(self, obj):
+            return obj.data
+
+    conn.adapters.register_dumper(VectorParam, _Dumper)
 
 
 def meta_row(store, *, table: str, index_kind: str, index_params: dict, columns: list[str], vector_type: str) -> dict:
