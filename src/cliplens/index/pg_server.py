@@ -108,6 +108,11 @@ class EmbeddedServer:
         while _alive(self.pid) and time.monotonic() < deadline:
             time.sleep(0.05)
         self.owner_file.unlink(missing_ok=True)
+        if self.socket_dir is not None and not _alive(self.pid):
+            try:
+                self.socket_dir.rmdir()  # the folder cliplens made for the socket, empty once the server is down
+            except OSError:
+                pass
         log.info("stopped the embedded PostgreSQL in %s", self.data)
 
     def _running(self) -> tuple[int, Path] | None:
