@@ -147,7 +147,9 @@ def _first_line(exc: Exception) -> str:
     text = str(exc).strip()
     lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     line = lines[0] if lines else type(exc).__name__
-    for prefix in ("connection failed: ", "FATAL:  "):
+    for prefix in ("connection failed: ", "connection is bad: "):
         if line.startswith(prefix):
             line = line[len(prefix):]
+    if "FATAL:" in line:  # the server's own reason, without libpq's "connection to server on socket ... failed:"
+        line = line.split("FATAL:", 1)[1].strip()
     return line[:200]
