@@ -366,3 +366,13 @@ def test_embedded_server_is_socket_only_and_adopted_after_a_killed_owner(tmp_pat
     assert oct(server.socket_dir.stat().st_mode & 0o777) == "0o700"
     stop_all()
     assert not _alive(pid)
+
+
+def test_searching_an_index_never_built_for_pgvector_creates_nothing(tmp_path, monkeypatch):
+    rng = np.random.default_rng(6)
+    store = make_store(tmp_path / "idx", _unit(rng.standard_normal((20, 8))), photo_meta=False)
+    monkeypatch.delenv("CLIPLENS_PG_URI", raising=False)
+    with pytest.raises(BackendError, match="no embedded PostgreSQL in .*, so no pgvector table for") as info:
+        open_index(store, "pgvector")
+    assert "cliplens build-index --index-dir" in str(info.value) and "\n" not in str(info.value)
+    assert not (store.root / "pg").exists()  # no cluster was made just to say so

@@ -32,13 +32,17 @@ class PgTarget:
     server: object | None = None  # the EmbeddedServer, when embedded
 
 
-def resolve(store, uri: str | None) -> PgTarget:
-    """Where ``uri`` points (starting the embedded server if that is where)."""
+def resolve(store, uri: str | None, *, create: bool = True) -> PgTarget:
+    """Where ``uri`` points (starting the embedded server if that is where; creating its cluster if ``create``)."""
     uri = (uri if uri is not None else os.environ.get(URI_ENV, "")).strip() or "embedded"
     if uri == "embedded" or uri.startswith("embedded:"):
         from cliplens.index.pg_server import DIR, embedded_server
 
         folder = Path(uri[len("embedded:"):]).expanduser() if ":" in uri else Path(store.root) / DIR
+        if not create and not (folder / "data" / "PG_VERSION").is_file():  # nothing was ever built there
+            raise BackendError(f"no embedded PostgreSQL in {folder}, so no pgvector table for {store.root}: build "
+                               f"one with `cliplens build-index --index-dir {store.root} --backend pgvector` "
+                               "(or give --pg-uri, or set $CLIPLENS_PG_URI, for your own server)")
         server = embedded_server(folder)
         return PgTarget(server.conninfo(), f"the embedded PostgreSQL in {folder}", uri, server)
     shown = _shown(uri)

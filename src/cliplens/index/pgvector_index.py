@@ -126,7 +126,7 @@ class PgvectorIndex:
     @classmethod
     def open(cls, store, *, uri: str | None = None, table: str | None = None, _conn=None,
              **search_options) -> "PgvectorIndex":
-        conn, target = _conn if _conn is not None else (None, resolve(store, uri))
+        conn, target = _conn if _conn is not None else (None, resolve(store, uri, create=False))
         conn = conn or connect(target)
         with _closing_on_error(conn):
             return cls._open(store, conn, target, table, search_options)
