@@ -347,7 +347,7 @@ def test_embedded_server_from_the_cli_stops_when_the_command_ends(tiny_index, tm
 
 
 def test_embedded_server_is_socket_only_and_adopted_after_a_killed_owner(tmp_path):
-    from cliplens.index.pg_server import embedded_server, stop_all
+    from cliplens.index.pg_server import embedded_server
 
     folder = tmp_path / "pg"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
@@ -364,8 +364,8 @@ def test_embedded_server_is_socket_only_and_adopted_after_a_killed_owner(tmp_pat
     with psycopg.connect(server.conninfo()) as conn:
         assert conn.execute("SHOW listen_addresses").fetchone()[0] == ""  # no TCP at all
     assert oct(server.socket_dir.stat().st_mode & 0o777) == "0o700"
-    stop_all()
-    assert not _alive(pid)
+    server.stop()  # (not stop_all(): the session's own test server runs in this process too)
+    assert not _alive(pid) and not server.socket_dir.exists()
 
 
 def test_searching_an_index_never_built_for_pgvector_creates_nothing(tmp_path, monkeypatch):
