@@ -13,14 +13,18 @@ index and its record are untouched, and an old record keeps refusing a newer sto
 
 from __future__ import annotations
 
+import json
 import logging
+import time
 from pathlib import Path
 
 import numpy as np
 
+from cliplens import __version__
 from cliplens.errors import BackendError
 from cliplens.index import pg_sql
-from cliplens.index.pgvector_index import _COPY_ROWS, _REBUILD_FRACTION, META, meta_json, meta_row
+from cliplens.index.backends import store_key
+from cliplens.index.pgvector_index import _COPY_ROWS, _REBUILD_FRACTION, META
 
 log = logging.getLogger(__name__)
 
@@ -159,3 +163,15 @@ def _work_mem(store, params: dict) -> str:
     per_row = store.dim * store.embeddings.dtype.itemsize + 16 * int(params.get("m", 16)) + 64
     mib = int(len(store) * per_row * 1.3 / 2**20) + 64
     return f"{min(max(mib, 64), 4096)}MB"
+
+
+def meta_row(store, *, table: str, index_kind: str, index_params: dict, columns: list[str], vector_type: str) -> dict:
+    """What ``cliplens_tables.meta`` records for a table (JSON)."""
+    return {"store_key": store_key(store), "count": len(store), "dim": store.dim, "vector_type": vector_type,
+            "columns": columns, "index_kind": index_kind, "index_params": index_params, "table": table,
+            "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cliplens_version": __version__,
+            "created": store.manifest.get("created")}
+
+
+def meta_json(meta: dict) -> str:
+    return json.dumps(meta, sort_keys=True)

@@ -25,17 +25,14 @@ come back short of k with a filter, that query runs again as an exact sequential
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import threading
-import time
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
-from cliplens import __version__
 from cliplens.errors import BackendError
 from cliplens.index import pg_sql
 from cliplens.index.backends import check_allowed, check_ids, check_queries, rescore, store_key
@@ -289,15 +286,3 @@ def _register_vector_dumper(conn, vector_type: str) -> None:
             return obj.data
 
     conn.adapters.register_dumper(VectorParam, _Dumper)
-
-
-def meta_row(store, *, table: str, index_kind: str, index_params: dict, columns: list[str], vector_type: str) -> dict:
-    """What ``cliplens_tables.meta`` records for a table (JSON)."""
-    return {"store_key": store_key(store), "count": len(store), "dim": store.dim, "vector_type": vector_type,
-            "columns": columns, "index_kind": index_kind, "index_params": index_params, "table": table,
-            "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cliplens_version": __version__,
-            "created": store.manifest.get("created")}
-
-
-def meta_json(meta: dict) -> str:
-    return json.dumps(meta, sort_keys=True)
