@@ -376,3 +376,17 @@ def test_searching_an_index_never_built_for_pgvector_creates_nothing(tmp_path, m
         open_index(store, "pgvector")
     assert "cliplens build-index --index-dir" in str(info.value) and "\n" not in str(info.value)
     assert not (store.root / "pg").exists()  # no cluster was made just to say so
+
+
+def test_ivfflat_probes_reach_pgvector(clustered, pg_dsn):
+    store, queries, _ = clustered
+    index = build_index(store, "pgvector", uri=pg_dsn, table="clustered_ivf", index="ivfflat", lists=20,
+                        btree=False, progress=False, scan="index")
+    assert index.meta["index_params"] == {"lists": 20} and "Index Scan using clustered_ivf_vec" in index.explain(
+        queries[0])
+    truth = _exact(store, queries, 10)[1]
+    np.testing.assert_array_equal(index.search(queries, 10, probes=20)[1], truth)  # every list: exhaustive
+    assert _recall(index.search(queries, 10, probes=1)[1], truth) < 1.0  # one list of 20: approximate
+    with pytest.raises(BackendError, match="efSearch applies to HNSW tables"):
+        open_index(store, "pgvector", uri=pg_dsn, table="clustered_ivf", ef_search=10)
+    index.close()
