@@ -24,6 +24,7 @@ import pytest  # noqa: E402
 
 import cifar_fixture  # noqa: E402
 import model_fixture  # noqa: E402
+from pg_fixture import pg_dsn, pg_server  # noqa: E402,F401  (a real PostgreSQL + pgvector, started once)
 
 HF_HOME = Path(os.environ["HF_HOME"])
 

@@ -292,7 +292,8 @@ def run_query(searcher, terms: Sequence[Term], k: int, *, templates: Sequence[st
     enc = encode_query(terms, store=store, encode_texts=encode_texts or searcher.encoder.encode_texts,
                        encode_images=encode_images or searcher.encoder.encode_images, templates=templates,
                        raw=raw, max_pixels=max_pixels)
-    allowed = where_mask(store, where)
+    in_index = bool(where) and getattr(searcher.index, "accepts_where", False)  # pgvector: the filters become SQL
+    allowed = None if in_index else where_mask(store, where)
     items = [int(t.value) for t in terms if t.kind == "item" and t.weight > 0]
     if exclude_query_items and items:  # "more like this" shows the others, not the item itself
         allowed = np.ones(len(store), bool) if allowed is None else allowed.copy()
@@ -301,7 +302,7 @@ def run_query(searcher, terms: Sequence[Term], k: int, *, templates: Sequence[st
         ("- " if t.weight < 0 else "+ ") + (f"{abs(t.weight):g}:" if abs(t.weight) != 1 else "")
         + (f"#{t.value}" if t.kind == "item" else str(t.value)) for t in terms)[2:]
     result = searcher.search_vector(enc.vector, k, query=text, prompt=enc.prompt, class_hint=enc.class_hint,
-                                    allowed=allowed, min_score=min_score)
+                                    allowed=allowed, min_score=min_score, where=where if in_index else ())
     extra = {**result.extra, "terms": [t.to_json() for t in terms], "where": [w.to_json() for w in where],
              "min_score": min_score}
     return dataclasses.replace(result, extra=extra)

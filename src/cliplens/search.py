@@ -68,9 +68,11 @@ class Searcher:
                                   min_score=min_score)
 
     def search_vector(self, vector: np.ndarray, k: int, *, query: str, prompt: str, class_hint: str | None = None,
-                      allowed: np.ndarray | None = None, min_score: float | None = None) -> SearchResult:
+                      allowed: np.ndarray | None = None, min_score: float | None = None, where=()) -> SearchResult:
+        """``where``: parsed filters for an index that runs them itself (``accepts_where``, e.g. pgvector's SQL)."""
         self._check_k(k)
-        scores, ids = self.index.search(np.asarray(vector, np.float32)[None], k, allowed=allowed)
+        extra = {"where": tuple(where)} if where else {}
+        scores, ids = self.index.search(np.asarray(vector, np.float32)[None], k, allowed=allowed, **extra)
         target = match_class(class_hint, self.store.class_names) if (class_hint and self.store.has_labels) else None
         pairs = [(int(i), float(s)) for i, s in zip(ids[0], scores[0]) if min_score is None or s >= min_score]
         hits = tuple(self._hit(rank, i, s, target) for rank, (i, s) in enumerate(pairs, 1))

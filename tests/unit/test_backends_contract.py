@@ -1,8 +1,10 @@
 """One contract for every index backend, with the exact numpy index as the oracle.
 
 The contract runs on the fixture's CIFAR-format index (200 items, tiny model) over: exact, FAISS Flat, FAISS HNSW32
-and IVF (at settings that search exhaustively, so they must equal exact) and Milvus Lite, for real, in a temporary
-folder. Recall of the approximate settings is measured separately on seeded clustered data.
+and IVF (at settings that search exhaustively, so they must equal exact), Milvus Lite, for real, in a temporary
+folder, and pgvector on a real PostgreSQL server (the session's ``pg_dsn``): a table without a vector index (every
+query a sequential scan: exact) and one with HNSW searched through the index at ef_search 256 > N. Recall of the
+approximate settings is measured separately on seeded clustered data (pgvector's in test_pgvector.py).
 """
 
 from __future__ import annotations
@@ -30,7 +32,10 @@ BACKENDS = {
     "faiss-hnsw": ("faiss", {"factory": "HNSW32", "ef_search": 256}),  # ef > N: visits the whole graph
     "faiss-ivf": ("faiss", {"factory": "IVF8,Flat", "nprobe": 8}),  # every list: exhaustive
     "milvus-lite": ("milvus", {}),
+    "pgvector-seqscan": ("pgvector", {"index": "none", "table": "contract_seqscan"}),
+    "pgvector-hnsw": ("pgvector", {"ef_search": 256, "scan": "index", "table": "contract_hnsw"}),
 }
+_SEARCH_ONLY = ("ef_search", "scan", "nprobe", "k_factor", "table", "uri")  # what open() takes of the options
 
 
 def _unit(x):
@@ -58,9 +63,17 @@ def _make_store(root, vectors, *, tag="seeded", labels=None) -> IndexStore:
     return IndexStore.open(root)
 
 
-def _build(store, name):
+def _options(name, request) -> dict:
     backend, options = BACKENDS[name]
     kwargs = dict(options)
+    if backend == "pgvector":
+        kwargs["uri"] = request.getfixturevalue("pg_dsn")
+    return kwargs
+
+
+def _build(store, name, request, **override):
+    backend, _ = BACKENDS[name]
+    kwargs = {k: v for k, v in {**_options(name, request), **override}.items() if v is not None}
     if backend != "exact":
         kwargs["progress"] = False
     return build_index(store, backend, **kwargs)
@@ -73,7 +86,7 @@ def store(tmp_path_factory, tiny_index) -> IndexStore:
 
 @pytest.fixture(scope="module", params=list(BACKENDS))
 def backend(request, store):
-    index = _build(store, request.param)
+    index = _build(store, request.param, request)
     yield request.param, index
     if hasattr(index, "close"):
         index.close()
@@ -132,6 +145,10 @@ def test_filters(backend, store, queries):
         if name == "milvus-lite":  # the filter ran inside the database, on its own columns
             column = "label" if mask is by_label else "superclass" if mask is by_super else "id"
             assert index.last_filter.startswith(f"({column} in [")
+        if name.startswith("pgvector"):  # in SQL, on its own columns, the values bound as parameters
+            column = "label" if mask is by_label else "superclass" if mask is by_super else "id"
+            assert f"{column} = ANY(%s)" in index.last_sql and "WHERE" in index.last_sql
+            assert not any(str(i) in index.last_sql for i in (89, 17))  # no value was pasted into the SQL text
     assert set(supers[by_super]) == {3}
 
 
@@ -164,9 +181,9 @@ def test_empty_results(backend, store, queries, tiny_encoder):
 
 
 @pytest.mark.parametrize("name", list(BACKENDS))
-def test_deletes(name, tiny_index, tmp_path, queries):
+def test_deletes(name, tiny_index, tmp_path, queries, request):
     store = _copy_store(tiny_index, tmp_path / "idx")
-    index = _build(store, name)
+    index = _build(store, name, request, table=None)  # pgvector: this copy's own table
     top = index.search(queries, 3)[1]
     gone = np.unique(top[:, 0])
     assert index.delete(gone) == len(gone)
@@ -178,10 +195,12 @@ def test_deletes(name, tiny_index, tmp_path, queries):
     _same_as_exact(store, queries, (scores, ids), 10, allowed=alive)
     mask = label_mask(store, labels=[int(store.labels[gone[0]])])  # a filter and a delete together
     assert not np.isin(index.search(queries, 2, allowed=mask)[1], gone).any()
-    if name != "exact":  # FAISS keeps its delete mask beside the index; Milvus deleted the rows
+    if name != "exact":  # FAISS keeps its delete mask beside the index; Milvus and pgvector deleted the rows
         if hasattr(index, "close"):
             index.close()
         backend, options = BACKENDS[name]
+        options = {k: v for k, v in _options(name, request).items()
+                   if backend != "pgvector" or (k in _SEARCH_ONLY and k != "table")}
         reopened = open_index(store, backend, **options)
         assert len(reopened) == len(store) - len(gone)
         assert not np.isin(reopened.search(queries, 10)[1], gone).any()
@@ -249,7 +268,7 @@ def test_approximate_recall(clustered, factory, options, floor):
 
 
 @pytest.mark.parametrize("backend,options,match", [
-    ("annoy", {}, "unknown index backend 'annoy': use one of exact, faiss, milvus"),
+    ("annoy", {}, "unknown index backend 'annoy': use one of exact, faiss, milvus, pgvector"),
     ("faiss", {"factory": "HNSW32,Bogus"}, "bad FAISS factory string"),
     ("faiss", {"factory": "PQ7"}, "bad FAISS factory string"),
     ("faiss", {"factory": ""}, "empty FAISS factory string"),

@@ -1,4 +1,5 @@
-"""Scale-out subcommand and flags: ``build-index`` (a FAISS index or a Milvus collection from an existing store),
+"""Scale-out subcommand and flags: ``build-index`` (a FAISS index, a Milvus collection or a pgvector table from an
+existing store),
 ``--backend`` for the commands that search (``search``, ``evaluate``, ``serve``), build settings
 (``--ef-construction``, ``--train-size``) for the commands that build one (``build-index``, ``index``), and
 ``--engine ray`` for ``index`` (CIFAR and image folders).
@@ -26,14 +27,26 @@ def add_backend_flags(p: argparse.ArgumentParser, *, default: str | None = "exac
     g = p.add_argument_group("index backend")
     g.add_argument("--backend", default=default, required=required, metavar="NAME",
                    help=f"vector index: {', '.join(BACKENDS)} (default {default or 'none'})")
-    g.add_argument("--faiss-index", default="HNSW32", metavar="FACTORY",
-                   help='FAISS factory string, e.g. Flat, HNSW32, "IVF4096,PQ64" (default HNSW32)')
-    g.add_argument("--ef-search", type=positive_int, default=None, help="FAISS HNSW: candidates explored per query")
-    g.add_argument("--nprobe", type=positive_int, default=None, help="FAISS IVF: inverted lists visited per query")
+    g.add_argument("--faiss-index", default=None, metavar="FACTORY",
+                   help='FAISS factory string, e.g. Flat, HNSW32, "IVF4096,PQ64" (building: default HNSW32; '
+                        "searching: default the one FAISS index built for this folder)")
+    g.add_argument("--ef-search", type=positive_int, default=None,
+                   help="HNSW (FAISS, pgvector's hnsw.ef_search): candidates explored per query")
+    g.add_argument("--nprobe", type=positive_int, default=None,
+                   help="IVF (FAISS nprobe, pgvector's ivfflat.probes): inverted lists visited per query")
     g.add_argument("--milvus-uri", default=None, metavar="URI",
                    help="Milvus server (http://host:19530; token from $CLIPLENS_MILVUS_TOKEN); "
                         "default: Milvus Lite in INDEX_DIR/milvus/")
     g.add_argument("--milvus-collection", default=None, metavar="NAME", help="default cliplens_<index folder name>")
+    g.add_argument("--pg-uri", default=None, metavar="URI",
+                   help="PostgreSQL with pgvector: postgresql://user@host:5432/db, or embedded (a private server "
+                        "with its data in INDEX_DIR/pg; embedded:PATH for another folder); default $CLIPLENS_PG_URI, "
+                        "else embedded")
+    g.add_argument("--pg-table", default=None, metavar="NAME",
+                   help="pgvector table (default cliplens_<folder>_<hash of its path>, or the one built for it)")
+    g.add_argument("--pg-scan", default=None, choices=["auto", "index", "exact"],
+                   help="pgvector: let the planner choose (auto, default), force the vector index, or scan every "
+                        "row (exact)")
 
 
 def add_build_flags(p: argparse.ArgumentParser) -> None:
@@ -44,20 +57,35 @@ def add_build_flags(p: argparse.ArgumentParser) -> None:
                         "higher: better recall, slower build)")
     g.add_argument("--train-size", type=positive_int, default=None,
                    help="FAISS: vectors sampled to train IVF/PQ (default 39 per list, at least 10000)")
+    g.add_argument("--pg-index", default=None, choices=["hnsw", "ivfflat", "none"],
+                   help="pgvector: the vector index (default hnsw, vector_cosine_ops; none: exact sequential scans)")
+    g.add_argument("--pg-m", type=positive_int, default=None, metavar="M", help="pgvector HNSW: links per node (16)")
+    g.add_argument("--pg-lists", type=positive_int, default=None, metavar="N",
+                   help="pgvector IVFFlat: lists (default rows/1000, at most 4*sqrt(rows))")
 
 
 def check_build_flags(args) -> None:
     """Refuse build settings the chosen backend would not use, before anything slow runs."""
     from cliplens.errors import BackendError
 
+    name = (getattr(args, "backend", None) or "exact").strip().lower()
+    pg = [f for f, v in (("--pg-index", getattr(args, "pg_index", None)), ("--pg-m", getattr(args, "pg_m", None)),
+                         ("--pg-lists", getattr(args, "pg_lists", None))) if v is not None]
+    if pg and name != "pgvector":
+        raise BackendError(f"{pg[0]} sets how a pgvector table is indexed, not the {name} backend: "
+                           "use it with --backend pgvector")
     ef = getattr(args, "ef_construction", None)
     if ef is None:
         return
-    name = (getattr(args, "backend", None) or "exact").strip().lower()
+    if name == "pgvector":
+        if (getattr(args, "pg_index", None) or "hnsw") != "hnsw":
+            raise BackendError(f"--ef-construction applies to HNSW indexes, not --pg-index {args.pg_index}: "
+                               "use --pg-index hnsw, or drop --ef-construction")
+        return
     if name != "faiss":
-        raise BackendError(f"--ef-construction sets how a FAISS HNSW index is built, not the {name} backend: "
-                           "use it with --backend faiss --faiss-index HNSW32")
-    if "HNSW" not in (args.faiss_index or "").upper():
+        raise BackendError(f"--ef-construction sets how an HNSW index is built, not the {name} backend: "
+                           "use it with --backend faiss --faiss-index HNSW32 or --backend pgvector")
+    if "HNSW" not in (args.faiss_index or "HNSW32").upper():
         raise BackendError(f"--ef-construction applies to HNSW indexes, not {args.faiss_index!r}: "
                            'use an HNSW factory string such as "HNSW32", or drop --ef-construction')
 
@@ -73,15 +101,24 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
 def backend_options(args, *, build: bool = False) -> dict:
     """The options of ``args.backend`` taken from the flags (only those that backend understands)."""
     name = (getattr(args, "backend", None) or "exact").lower()
+    quiet = getattr(args, "quiet", False)
     if name == "faiss":
-        opts = {"factory": args.faiss_index, "ef_search": args.ef_search, "nprobe": args.nprobe}
+        factory = args.faiss_index or ("HNSW32" if build else None)  # searching: the one built, if only one
+        opts = {"factory": factory, "ef_search": args.ef_search, "nprobe": args.nprobe}
         if build:
-            opts.update(train_size=getattr(args, "train_size", None), progress=not getattr(args, "quiet", False),
+            opts.update(train_size=getattr(args, "train_size", None), progress=not quiet,
                         ef_construction=getattr(args, "ef_construction", None))
     elif name == "milvus":
         opts = {"uri": args.milvus_uri, "collection": args.milvus_collection}
         if build:
-            opts.update(progress=not getattr(args, "quiet", False))
+            opts.update(progress=not quiet)
+    elif name == "pgvector":
+        opts = {"uri": args.pg_uri, "table": args.pg_table, "ef_search": args.ef_search, "probes": args.nprobe,
+                "scan": getattr(args, "pg_scan", None)}
+        if build:
+            opts.update(index=getattr(args, "pg_index", None), m=getattr(args, "pg_m", None),
+                        lists=getattr(args, "pg_lists", None),
+                        ef_construction=getattr(args, "ef_construction", None), progress=not quiet)
     else:
         opts = {}
     return {k: v for k, v in opts.items() if v is not None}
@@ -126,6 +163,9 @@ def backend_settings(args, index) -> dict:
         return {"name": "faiss", "index": index.factory, **{k: v for k, v in knobs.items() if v}}
     if name == "milvus":
         return {"name": "milvus", "collection": index.collection}
+    if name == "pgvector":
+        knobs = {"ef_search": args.ef_search, "probes": args.nprobe}
+        return {"name": "pgvector", "table": index.table, "index": index.kind, **{k: v for k, v in knobs.items() if v}}
     return {"name": "exact"}
 
 
@@ -133,10 +173,12 @@ def backend_label(args, index) -> str:
     """A short name for the backend ``open_backend`` returned, e.g. "faiss HNSW32 (efSearch 64)"."""
     settings = backend_settings(args, index)
     name = settings.pop("name")
+    words = {"ef_search": "efSearch", "nprobe": "nprobe", "probes": "probes"}
+    knobs = ", ".join(f"{words[k]} {v}" for k, v in settings.items() if k in words)
     if name == "faiss":
-        words = {"ef_search": "efSearch", "nprobe": "nprobe"}
-        knobs = ", ".join(f"{words[k]} {v}" for k, v in settings.items() if k in words)
         return f"faiss {settings['index']}" + (f" ({knobs})" if knobs else "")
+    if name == "pgvector":
+        return f"pgvector {settings['table']} ({settings['index']}{', ' + knobs if knobs else ''})"
     return " ".join([name, *map(str, settings.values())])
 
 
@@ -147,6 +189,12 @@ def describe_backend(store, args, index) -> str:
         return f"FAISS {index.factory}{f' (efConstruction {ef})' if ef else ''} ({index.paths[0]})"
     if name == "milvus":
         return f"Milvus collection {index.collection} ({index.uri})"
+    if name == "pgvector":
+        c = getattr(index, "sync_counts", {})
+        changes = f"; {c['inserted']} inserted, {c['updated']} updated, {c['deleted']} deleted" if c else ""
+        params = ", ".join(f"{k} {v}" for k, v in index.meta.get("index_params", {}).items())
+        return (f"pgvector table {index.table} ({index.kind}{', ' + params if params else ''}{changes}) at "
+                f"{index.target.shown}")
     return "exact numpy index (nothing to build)"
 
 
@@ -176,9 +224,11 @@ def cmd_build_index(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("build-index", help="build a FAISS index or Milvus collection from an existing index folder",
+    p = sub.add_parser("build-index", help="build a FAISS index, Milvus collection or pgvector table from an index "
+                                           "folder",
                        description="Build a vector index backend from an index folder's stored vectors, "
-                                   "without re-embedding. Re-running it rebuilds (FAISS) or upserts (Milvus).")
+                                   "without re-embedding. Re-running it rebuilds (FAISS), upserts (Milvus) or "
+                                   "syncs the changed rows in one transaction (pgvector).")
     p.add_argument("--index-dir", type=Path, default=None, help="the index folder (default $CLIPLENS_HOME/indexes/...)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     add_backend_flags(p, default=None, required=True)

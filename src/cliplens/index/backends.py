@@ -1,4 +1,5 @@
-"""Index backends by name: ``exact`` (numpy, the default and oracle), ``faiss`` (in process), ``milvus`` (a database).
+"""Index backends by name: ``exact`` (numpy, the default and oracle), ``faiss`` (in process), ``milvus`` (a database),
+``pgvector`` (PostgreSQL + pgvector: a DSN, or an embedded server).
 
     build_index(store, "faiss", factory="HNSW32")   # builds and saves beside the store, returns the opened index
     open_index(store, "faiss", factory="HNSW32")    # opens what build_index saved (refused if built for another store)
@@ -20,8 +21,9 @@ import numpy as np
 from cliplens.errors import BackendError
 from cliplens.index.exact import ExactIndex
 
-BACKENDS = ("exact", "faiss", "milvus")
-_INSTALL = {"faiss": "pip install 'cliplens[faiss]'", "milvus": "pip install 'cliplens[milvus]'"}
+BACKENDS = ("exact", "faiss", "milvus", "pgvector")
+_INSTALL = {"faiss": "pip install 'cliplens[faiss]'", "milvus": "pip install 'cliplens[milvus]'",
+            "pgvector": "pip install 'cliplens[pgvector]'"}
 
 
 # --------------------------------------------------------------------------- registry
@@ -47,6 +49,9 @@ def _dispatch(backend: str, action: str) -> Callable:
     if name == "milvus":
         module = _import_backend("cliplens.index.milvus_index", "milvus")
         return getattr(module.MilvusIndex, action)
+    if name == "pgvector":
+        module = _import_backend("cliplens.index.pgvector_index", "pgvector")
+        return getattr(module.PgvectorIndex, action)
     raise BackendError(f"unknown index backend {backend!r}: use one of {', '.join(BACKENDS)}")
 
 

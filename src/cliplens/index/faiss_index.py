@@ -131,10 +131,14 @@ class FaissIndex:
         return cls.open(store, factory=factory, name=name, **search_options)
 
     @classmethod
-    def open(cls, store, *, factory: str = DEFAULT_FACTORY, name: str | None = None, mmap: bool = True,
+    def open(cls, store, *, factory: str | None = None, name: str | None = None, mmap: bool = True,
              ef_search: int | None = None, nprobe: int | None = None, k_factor: int = 1) -> "FaissIndex":
-        """Open a saved index, memory-mapped where FAISS allows; refuse one built for another store."""
-        paths = index_path, meta_path, _ = _paths(store, factory, name)
+        """Open a saved index, memory-mapped where FAISS allows; refuse one built for another store.
+
+        ``factory=None``: the one FAISS index built beside the store (several: refused, naming them)."""
+        if factory is None and name is None:
+            factory = _only_built(store)
+        paths = index_path, meta_path, _ = _paths(store, factory or DEFAULT_FACTORY, name)
         if not meta_path.is_file() or not index_path.is_file():
             built = _built_factories(index_path.parent)
             hint = f" (built here: {', '.join(built)}; pick one with --faiss-index)" if built else ""
@@ -287,6 +291,17 @@ def _read_meta(path: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return meta if isinstance(meta, dict) else None
+
+
+def _only_built(store) -> str:
+    built = _built_factories(Path(store.root) / DIR)
+    if len(built) == 1:
+        return built[0]
+    if not built:
+        raise BackendError(f"no FAISS index in {Path(store.root) / DIR}: build one with "
+                           f"{_rebuild_hint(store, DEFAULT_FACTORY)}")
+    raise BackendError(f"several FAISS indexes in {Path(store.root) / DIR}: {', '.join(built)}; "
+                       "pick one with --faiss-index")
 
 
 def _built_factories(folder: Path) -> list[str]:

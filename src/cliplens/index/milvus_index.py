@@ -166,6 +166,12 @@ class MilvusIndex:
              search_params: dict | None = None) -> "MilvusIndex":
         name = check_collection_name(collection) if collection else default_collection(store)
         client, uri = connect(store, uri=uri, timeout=timeout)
+        if collection is None and not client.has_collection(name):  # the one cliplens collection there, if only one
+            ours = sorted(c for c in client.list_collections() if str(c).startswith("cliplens_"))
+            if len(ours) > 1:
+                raise BackendError(f"no Milvus collection {name!r} at {uri}, and several others: {', '.join(ours)}; "
+                                   "pick one with --milvus-collection")
+            name = ours[0] if ours else name
         if not client.has_collection(name):
             raise BackendError(f"no Milvus collection {name!r} at {uri}: build it with {_hint(store)}")
         key = (client.describe_collection(name).get("properties") or {}).get(STORE_PROPERTY)
