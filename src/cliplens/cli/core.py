@@ -101,20 +101,53 @@ def cmd_index(args) -> int:
 # --------------------------------------------------------------------------- search
 
 
-def open_searcher(args):
+def open_searcher(args, *, text_only: bool = False):
+    """The Searcher for ``args``; ``text_only``: with the torch-free text tower when it is cached (text queries)."""
     from cliplens.cli.scale import open_backend
     from cliplens.search import Searcher
     from cliplens.store import IndexStore
 
     store = IndexStore.open(args.index_dir or default_index_dir())
     index = open_backend(store, args) if hasattr(args, "backend") else None
-    return Searcher(encoder=load_model(args, store.manifest), store=store, index=index)
+    encoder = text_only_encoder(args, store.manifest) if text_only else None
+    return Searcher(encoder=encoder or load_model(args, store.manifest), store=store, index=index)
+
+
+def text_only_encoder(args, manifest: dict):
+    """The index's own model as its cached torch-free text tower (:mod:`cliplens.textonly`), or None.
+
+    None when the flags ask for another model or a GPU, or when the cache is not built yet.
+    """
+    from types import SimpleNamespace
+
+    from cliplens.textonly import open_cached
+
+    built = manifest.get("model") or {}
+    if (args.model and args.model != built.get("name")) or getattr(args, "device", "auto") not in ("auto", "cpu"):
+        return None
+    if args.pretrained and args.pretrained != built.get("pretrained"):
+        return None
+    if args.weights is not None:
+        from cliplens._files import cached_sha256
+
+        path = Path(args.weights).expanduser()
+        if not path.is_file() or cached_sha256(path) != built.get("weights_sha256"):
+            return None
+    return open_cached(SimpleNamespace(**built))
+
+
+def _text_query(args) -> bool:
+    """True when the query needs no image tower: words (any weights, + and -, #ID items), no image files."""
+    from cliplens.query import parse_terms
+
+    return not args.image and not any(t.kind == "image" for t in (parse_terms(args.query) if args.query else ()))
 
 
 def cmd_search(args) -> int:
     from cliplens.query import search_words
 
-    searcher = open_searcher(args)
+    text_only = _text_query(args)
+    searcher = open_searcher(args, text_only=text_only)
     result = search_words(searcher, args.query, args.k, images=args.image, similar=args.similar, where=args.where,
                           min_score=args.min_score, template=args.template, raw=args.raw)
     if args.json:
@@ -125,7 +158,21 @@ def cmd_search(args) -> int:
         path = save_result_grid(searcher, result, args.grid)
         if not args.json:
             print(f"grid saved to {path}")
+    if text_only and not getattr(searcher.encoder, "text_only", False):
+        _prepare_text_only(searcher.encoder)
     return 0
+
+
+def _prepare_text_only(encoder) -> None:
+    """After a text search that loaded torch: cache the text tower so later text searches need no torch."""
+    import sys
+
+    from cliplens import textonly
+
+    if textonly.available() and getattr(encoder.info, "weights_sha256", None):
+        sys.stdout.flush()
+        print("preparing the text tower for torch-free searches (once per model) ...", file=sys.stderr, flush=True)
+        textonly.build_cache(encoder)
 
 
 def format_result(result, searcher) -> str:
