@@ -28,11 +28,11 @@ def column_to_numpy(column) -> np.ndarray:
     if arr.null_count == 0 and (pt.is_integer(kind) or pt.is_floating(kind)):
         dtype = np.dtype(kind.to_pandas_dtype())
         return np.frombuffer(arr.buffers()[1], dtype=dtype, count=len(arr), offset=arr.offset * dtype.itemsize)
-    if pt.is_string(kind) or pt.is_large_string(kind):
-        out = np.empty(len(arr), dtype=object)
-        out[:] = arr.to_pylist()
-        return out
-    return arr.to_numpy(zero_copy_only=False)  # rare types: pyarrow's own conversion
+    if pt.is_integer(kind) or pt.is_floating(kind) or pt.is_boolean(kind) or pt.is_temporal(kind):
+        return arr.to_numpy(zero_copy_only=False)  # nulls in a number column, booleans, dates: pyarrow's own
+    out = np.empty(len(arr), dtype=object)  # strings, all-null columns (no sidecars), nested values
+    out[:] = arr.to_pylist()
+    return out
 
 
 def _unreadable(path: Path, exc: Exception) -> StoreError:

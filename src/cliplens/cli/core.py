@@ -84,6 +84,13 @@ def cmd_index(args) -> int:
     index_dir = args.index_dir or default_index_dir(f"{source.replace('-', '')}-{args.split}")
     data = load_cifar(source, args.split, data_dir=args.data_dir, verify=not args.no_verify, limit=args.limit,
                       progress=not args.quiet)
+    from cliplens.uptodate import labeled_complete
+
+    done = labeled_complete(index_dir, data, args) if embed_fn is None else None  # before any model loads
+    if done is not None:
+        print(f"{index_dir}: already complete ({done['count']} images), nothing to do")
+        build_after_index(args, index_dir)
+        return 0
     encoder = load_model(args)
     manifest, stats = index_labeled(data, encoder, index_dir, batch_size=args.batch_size, dtype=args.dtype,
                                     checkpoint_every=args.checkpoint_every, progress=not args.quiet,
@@ -113,10 +120,11 @@ def open_searcher(args, *, text_only: bool = False):
     return Searcher(encoder=encoder or load_model(args, store.manifest), store=store, index=index)
 
 
-def text_only_encoder(args, manifest: dict):
+def text_only_encoder(args, manifest: dict, *, prepack: bool = False):
     """The index's own model as its cached torch-free text tower (:mod:`cliplens.textonly`), or None.
 
-    None when the flags ask for another model or a GPU, or when the cache is not built yet.
+    None when the flags ask for another model or a GPU, or when the cache is not built yet. ``prepack``: for a
+    process that answers many queries (slower to open, faster per query).
     """
     from types import SimpleNamespace
 
@@ -133,7 +141,7 @@ def text_only_encoder(args, manifest: dict):
         path = Path(args.weights).expanduser()
         if not path.is_file() or cached_sha256(path) != built.get("weights_sha256"):
             return None
-    return open_cached(SimpleNamespace(**built))
+    return open_cached(SimpleNamespace(**built), prepack=prepack)
 
 
 def _text_query(args) -> bool:
