@@ -148,43 +148,6 @@ class TextOnlyEncoder:
         raise ModelError("this text-only encoder has no image tower; load the full model for image queries")
 
 
-class TextFirstEncoder:
-    """A server's encoder: texts from the torch-free tower from the start, images from the full model, loaded on
-    the first image query (``load_full``, called once; its model must be the one ``info`` names).
-
-    ``cliplens serve`` is ready to answer text queries without importing torch; only image queries wait for it.
-    """
-
-    text_only = False  # images work too (later)
-
-    def __init__(self, text: TextOnlyEncoder, load_full, *, full=None):
-        import threading
-
-        self.text, self.info = text, text.info
-        self._load_full, self._full = load_full, full
-        self._lock = threading.Lock()
-
-    @property
-    def full_loaded(self) -> bool:
-        return self._full is not None
-
-    def full(self):
-        with self._lock:
-            if self._full is None:
-                log.info("loading the image tower (first image query)")
-                full = self._load_full()
-                if (full.info.name, full.info.weights_sha256) != (self.info.name, self.info.weights_sha256):
-                    raise ModelError(f"the full model {full.info.name} is not the text tower's {self.info.name}")
-                self._full = full
-        return self._full
-
-    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-        return self.text.encode_texts(texts)
-
-    def encode_images(self, images) -> np.ndarray:
-        return self.full().encode_images(images)
-
-
 def open_cached(info, *, root: str | Path | None = None, prepack: bool = False,
                 threads: int | None = None) -> TextOnlyEncoder | None:
     """The cached text-only encoder for ``info``'s model (name and weights sha256), or None when there is none."""
@@ -224,6 +187,7 @@ def build_cache(encoder, *, root: str | Path | None = None, prefixes: Sequence[s
                 return None
             meta["parity_relative_max_error"] = error
             (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # last: the folder is complete
+            _usual_modes(tmp)
             try:
                 os.replace(tmp, folder)
             except OSError:  # another process finished first: keep theirs
@@ -236,6 +200,15 @@ def build_cache(encoder, *, root: str | Path | None = None, prefixes: Sequence[s
         return None
     log.info("text-only tower cached in %s", folder)
     return folder if (folder / "meta.json").is_file() else None
+
+
+def _usual_modes(folder: Path) -> None:
+    """mkdtemp and onnx make owner-only files; give the cache the modes mkdir and open() would."""
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for path in folder.iterdir():
+        os.chmod(path, 0o666 & ~mask)
 
 
 def _same_tokenizer(tokenizer) -> bool:

@@ -84,15 +84,16 @@ def serve_encoder(args, manifest: dict):
     asked for; the full model at once where there is no such tower (no ONNX Runtime, random weights, a GPU)."""
     from cliplens import textonly
     from cliplens.cli.core import load_model, text_only_encoder
+    from cliplens.textfirst import TextFirstEncoder
 
     text = text_only_encoder(args, manifest, prepack=True)
     if text is not None:
-        return textonly.TextFirstEncoder(text, lambda: load_model(args, manifest))
+        return TextFirstEncoder(text, lambda: load_model(args, manifest))
     full = load_model(args, manifest)
     if getattr(args, "device", "auto") in ("auto", "cpu") and str(full.device) == "cpu" and textonly.build_cache(full):
         text = text_only_encoder(args, manifest, prepack=True)  # built now: the next start needs no torch
         if text is not None:
-            return textonly.TextFirstEncoder(text, lambda: full, full=full)
+            return TextFirstEncoder(text, lambda: full, full=full)
     return full
 
 
