@@ -17,6 +17,8 @@ from pathlib import Path
 from cliplens.cli.core import positive_int  # no numpy: main() still calms BLAS threads before numpy loads
 
 BENCHMARKS = ("indexing", "text", "search", "agreement", "batch")
+# Fresh processes as users run them (ViT-B/32 only, minutes): not part of "all"
+WHOLE_PROCESS = ("process",)
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
@@ -32,7 +34,7 @@ def _sizes(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    p.add_argument("benchmark", choices=(*BENCHMARKS, "all"))
+    p.add_argument("benchmark", choices=(*BENCHMARKS, *WHOLE_PROCESS, "all"))
     p.add_argument("--n", type=positive_int, default=512,
                    help="images for indexing and agreement (default 512; the batch sweep uses up to 128)")
     p.add_argument("--reps", type=positive_int, default=3, help="repetitions: medians and spreads reported (default 3)")
@@ -49,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="use this Hugging Face cache (e.g. with real weights) instead of a temporary one with "
                         "random stand-in weights; nothing is written into it")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"results folder (default {DEFAULT_OUT})")
+    p.add_argument("--before-src", type=Path, default=None,
+                   help="process: also run each command with an older cliplens, e.g. the src/ of `git archive COMMIT src`")
+    p.add_argument("--photos", type=positive_int, default=200, help="process: photos in the re-indexed folder")
     p.add_argument("-v", "--verbose", action="store_true", help="log each repetition")
     return p
 
@@ -112,6 +117,13 @@ def _run(args, tmp: Path, command: str) -> int:
 
                 reports.append(batch.run(encoders=encoders, images=min(args.n, 128), reps=args.reps, command=command))
                 _emit(reports[-1], args.out)
+    if "process" in wanted:  # fresh processes: the harness only needs the stand-in's identity
+        from bench import process
+
+        info = sd.load_ours(standin, precision="exact").info
+        reports.append(process.run(info=info, workdir=tmp / "process", reps=args.reps, command=command,
+                                   before_src=args.before_src, photos=args.photos))
+        _emit(reports[-1], args.out)
     combined = _combine(args.out)
     print(f"wrote {combined}")
     return 0
@@ -119,7 +131,7 @@ def _run(args, tmp: Path, command: str) -> int:
 
 def _combine(out: Path) -> Path:
     """``latest.md``: the latest result of every benchmark in ``out``, each with its own machine line and command."""
-    parts = [(out / f"{name}.md").read_text() for name in BENCHMARKS if (out / f"{name}.md").is_file()]
+    parts = [(out / f"{name}.md").read_text() for name in (*BENCHMARKS, *WHOLE_PROCESS) if (out / f"{name}.md").is_file()]
     combined = out / "latest.md"
     combined.write_text("# cliplens benchmarks (latest run of each)\n\n" + "\n".join(parts))
     return combined

@@ -80,9 +80,11 @@ class IndexStore:
                 f"index at {root} is corrupt: {EMBEDDINGS} is {emb.dtype}{emb.shape}, manifest says "
                 f"{manifest['dtype']}{want}; rebuild it with `cliplens index`"
             )
-        items = read_items(root / ITEMS)
-        if len(items["id"]) != manifest["count"]:
-            raise StoreError(f"index at {root} is corrupt: {ITEMS} has {len(items['id'])} rows, expected {manifest['count']}")
+        from cliplens.items import LazyItems
+
+        items = LazyItems(root / ITEMS)  # columns read on first use (cliplens.items)
+        if items.num_rows != manifest["count"] or "id" not in items:
+            raise StoreError(f"index at {root} is corrupt: {ITEMS} has {items.num_rows} rows, expected {manifest['count']}")
         return cls(root, manifest, emb, items)
 
     def __len__(self) -> int:
@@ -151,13 +153,10 @@ def _py(v):
 
 
 def read_items(path: Path) -> dict[str, np.ndarray]:
-    import pyarrow.parquet as pq
+    from cliplens.items import LazyItems
 
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
-        raise StoreError(f"cannot read {path} ({type(exc).__name__}); rebuild the index with `cliplens index`") from None
-    return {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    items = LazyItems(path)
+    return {name: items[name] for name in items}
 
 
 def write_items(path: Path, columns: dict[str, Any]) -> None:

@@ -87,13 +87,17 @@ def cifar_index_dir(args, source: str) -> Path:
 def index_cifar(args, source: str, *, embed_fn=None):
     """Load the split and index it (refusing to replace a complete index of other settings unless --rebuild)."""
     from cliplens.datasets import load_cifar
-    from cliplens.embed import index_labeled
+    from cliplens.embed import EmbedStats, index_labeled
     from cliplens.errors import IndexExistsError
+    from cliplens.uptodate import labeled_complete
 
     index_dir = cifar_index_dir(args, source)
     check_cifar_inputs(args, source)
     data = load_cifar(source, args.split, data_dir=args.data_dir, verify=not args.no_verify, limit=args.limit,
                       progress=not args.quiet)
+    done = labeled_complete(index_dir, data, args) if embed_fn is None else None  # before any model loads
+    if done is not None:
+        return index_dir, None, done, EmbedStats(count=0, resumed_from=done["count"], seconds=0.0)
     encoder = load_model(args)
     try:
         manifest, stats = index_labeled(data, encoder, index_dir, batch_size=args.batch_size,
@@ -177,26 +181,60 @@ def cmd_index(args) -> int:
 # --------------------------------------------------------------------------- search
 
 
-def open_searcher(args):
-    """(the Searcher, the backend index it ranks with: None for the exact numpy index)."""
+def open_searcher(args, *, text_only: bool = False):
+    """(the Searcher, the backend index it ranks with: None for the exact numpy index).
+
+    ``text_only``: with the torch-free text tower when it is cached (text queries)."""
     from cliplens.cli.scale import open_backend
     from cliplens.search import Searcher
     from cliplens.store import IndexStore
 
     store = IndexStore.open(args.index_dir or default_index_dir())
     index = open_backend(store, args) if hasattr(args, "backend") else None
-    return Searcher(encoder=load_model(args, store.manifest), store=store, index=index), index
+    encoder = text_only_encoder(args, store.manifest) if text_only else None
+    return Searcher(encoder=encoder or load_model(args, store.manifest), store=store, index=index), index
+
+
+def text_only_encoder(args, manifest: dict, *, prepack: bool = False):
+    """The index's own model as its cached torch-free text tower (:mod:`cliplens.textonly`), or None.
+
+    None when the flags ask for another model or a GPU, or when the cache is not built yet. ``prepack``: for a
+    process that answers many queries (slower to open, faster per query).
+    """
+    from types import SimpleNamespace
+
+    from cliplens.textonly import open_cached
+
+    built = manifest.get("model") or {}
+    if (args.model and args.model != built.get("name")) or getattr(args, "device", "auto") not in ("auto", "cpu"):
+        return None
+    if args.pretrained and args.pretrained != built.get("pretrained"):
+        return None
+    if args.weights is not None:
+        from cliplens._files import cached_sha256
+
+        path = Path(args.weights).expanduser()
+        if not path.is_file() or cached_sha256(path) != built.get("weights_sha256"):
+            return None
+    return open_cached(SimpleNamespace(**built), prepack=prepack)
+
+
+def _text_query(args) -> bool:
+    """True when the query needs no image tower: words (any weights, + and -, #ID items), no image files."""
+    from cliplens.query import parse_terms
+
+    return not args.image and not any(t.kind == "image" for t in (parse_terms(args.query) if args.query else ()))
 
 
 def cmd_search(args) -> int:
     import sys
 
     from cliplens.cli.scale import backend_label, backend_settings
+    from cliplens.cli.study_models import resolve_min_score
     from cliplens.query import search_words
 
-    from cliplens.cli.study_models import resolve_min_score
-
-    searcher, index = open_searcher(args)
+    text_only = _text_query(args)
+    searcher, index = open_searcher(args, text_only=text_only)
     min_score = resolve_min_score(args.min_score, searcher, args.template)
     k = args.k
     if k > len(searcher.store) >= 1:
@@ -213,7 +251,21 @@ def cmd_search(args) -> int:
         path = save_result_grid(searcher, result, args.grid)
         if not args.json:
             print(f"grid saved to {path}")
+    if text_only and not getattr(searcher.encoder, "text_only", False):
+        _prepare_text_only(searcher.encoder)
     return 0
+
+
+def _prepare_text_only(encoder) -> None:
+    """After a text search that loaded torch: cache the text tower so later text searches need no torch."""
+    import sys
+
+    from cliplens import textonly
+
+    if textonly.available() and getattr(encoder.info, "weights_sha256", None):
+        sys.stdout.flush()
+        print("preparing the text tower for torch-free searches (once per model) ...", file=sys.stderr, flush=True)
+        textonly.build_cache(encoder)
 
 
 def format_result(result, searcher, *, backend: str = "exact") -> str:
@@ -303,6 +355,7 @@ def cmd_demo(args) -> int:
 
     args.split = "test"
     index_dir, encoder, _, stats = index_cifar(args, "cifar100")
+    encoder = encoder or load_model(args)  # None when the index was already complete: nothing needed it yet
     if stats.count:
         print(f"indexed {stats.count} CIFAR-100 test images ({stats.images_per_second:.1f} img/s) -> {index_dir}")
     else:

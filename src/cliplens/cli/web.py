@@ -31,8 +31,12 @@ def cmd_index_folder(args, *, embed_fn=None) -> int:
                                  max_megapixels=args.max_megapixels, batch_size=args.batch_size, dtype=args.dtype,
                                  progress=not args.quiet, rebuild=args.rebuild,
                                  replace_other=getattr(args, "force", False))
+    from cliplens.uptodate import folder_unchanged
+
+    summary = folder_unchanged(root, index_dir, args)  # nothing changed: no model loads
     try:
-        summary = index_folder(root, load_model(args), index_dir, options=options, embed_fn=embed_fn)
+        if summary is None:
+            summary = index_folder(root, load_model(args), index_dir, options=options, embed_fn=embed_fn)
     except IndexExistsError as exc:
         raise CliplensError(f"{exc}: pass --rebuild to re-embed it, or give another --index-dir") from None
     print(f"{root}: {summary.line()}")
@@ -59,7 +63,7 @@ def build_searchers(args) -> dict:
     ``--backend`` (default exact) opens that backend over each index (a FAISS index built beside each, or one
     Milvus collection per index folder unless ``--milvus-collection`` names one for a single index).
     """
-    from cliplens.cli.core import default_index_dir, load_model
+    from cliplens.cli.core import default_index_dir
     from cliplens.cli.scale import open_backend
     from cliplens.search import Searcher
     from cliplens.store import IndexStore
@@ -76,9 +80,27 @@ def build_searchers(args) -> dict:
         m = store.manifest["model"]
         key = (m["name"], m.get("weights_sha256"), args.model, args.pretrained, str(args.weights))
         if key not in encoders:
-            encoders[key] = load_model(args, store.manifest)
+            encoders[key] = serve_encoder(args, store.manifest)
         searchers[name] = Searcher(encoder=encoders[key], store=store, index=index)
     return searchers
+
+
+def serve_encoder(args, manifest: dict):
+    """Text queries from the torch-free text tower (no torch at start-up), images from the full model when first
+    asked for; the full model at once where there is no such tower (no ONNX Runtime, random weights, a GPU)."""
+    from cliplens import textonly
+    from cliplens.cli.core import load_model, text_only_encoder
+    from cliplens.textfirst import TextFirstEncoder
+
+    text = text_only_encoder(args, manifest, prepack=True)
+    if text is not None:
+        return TextFirstEncoder(text, lambda: load_model(args, manifest))
+    full = load_model(args, manifest)
+    if getattr(args, "device", "auto") in ("auto", "cpu") and str(full.device) == "cpu" and textonly.build_cache(full):
+        text = text_only_encoder(args, manifest, prepack=True)  # built now: the next start needs no torch
+        if text is not None:
+            return TextFirstEncoder(text, lambda: full, full=full)
+    return full
 
 
 def cmd_serve(args) -> int:

@@ -1,0 +1,109 @@
+"""Is there nothing to do? Decided before any model loads, so re-running ``cliplens index`` on unchanged data
+takes a fraction of a second instead of the seconds that importing torch and loading CLIP take.
+
+Each check answers "the index in this folder is exactly what this command would write" and returns None when it
+cannot be sure, so the caller takes the full path (which then finds out itself, as before). The model is the
+same when the flags name the model the index records and its weights file still hashes to the recorded sha256
+(:func:`cliplens._files.cached_sha256`: by path, size and mtime, as the weights are always checked).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from cliplens.store import MANIFEST, PROGRESS
+
+log = logging.getLogger(__name__)
+
+
+def _manifest(index_dir: Path) -> dict | None:
+    if not (index_dir / MANIFEST).is_file() or (index_dir / PROGRESS).is_file():
+        return None
+    try:
+        return json.loads((index_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def same_model(built: dict, args) -> bool:
+    """True when ``args`` (--model, --pretrained, --weights, --precision) ask for the model ``built`` records."""
+    from cliplens._files import cached_sha256
+    from cliplens.encoder import DEFAULT_MODEL, DEFAULT_PRETRAINED
+
+    name = args.model or DEFAULT_MODEL
+    if name != built.get("name") or getattr(args, "precision", "exact") != "exact" or built.get("precision") != "exact":
+        return False  # (fast: the backend is chosen at load time, so only loading can tell)
+    if getattr(args, "device", "auto") not in ("auto", "cpu"):
+        return False
+    if args.weights is not None:
+        path = Path(args.weights).expanduser()
+    else:
+        schema = name.startswith(("hf-hub:", "local-dir:"))
+        want_tag = None if schema else (args.pretrained or DEFAULT_PRETRAINED)
+        if built.get("pretrained") != want_tag or not built.get("weights_path"):
+            return False
+        path = Path(built["weights_path"])
+    try:
+        return path.is_file() and cached_sha256(path) == built.get("weights_sha256")
+    except OSError:
+        return False
+
+
+def labeled_complete(index_dir: Path, data, args) -> dict | None:
+    """The manifest when ``index_dir`` already holds ``data`` (``LabeledImages``) embedded as ``args`` ask."""
+    index_dir = Path(index_dir).expanduser()
+    manifest = _manifest(index_dir)
+    if manifest is None or not same_model(manifest.get("model", {}), args):
+        return None
+    identity = manifest.get("identity", {})
+    want = {"source": data.source, "split": data.split, "count": len(data), "dtype": getattr(args, "dtype", "float32"),
+            "files": {"verified": data.fingerprint.get("verified"), "files": data.fingerprint.get("files")}}
+    if any(identity.get(k) != v for k, v in want.items()):
+        return None
+    if args.batch_size is not None and identity.get("batch_size") != args.batch_size:
+        return None
+    return manifest
+
+
+def folder_unchanged(root: Path, index_dir: Path, args):
+    """A :class:`~cliplens.folder_index.FolderIndexSummary` of nothing done, when every file under ``root`` has
+    the path, size and mtime the index records (captions included) and the flags are the ones it was built with;
+    else None."""
+    from cliplens.datasets.folder import read_sidecar, walk_folder
+    from cliplens.folder_index import FolderIndexSummary
+    from cliplens.items import LazyItems
+
+    root, index_dir = Path(root).expanduser().resolve(), Path(index_dir).expanduser()
+    manifest = _manifest(index_dir)
+    if manifest is None:
+        return None
+    source = manifest.get("source", {})
+    flags = {"type": "folder", "root": str(root), "exclude": list(args.exclude), "include_hidden": args.include_hidden,
+             "max_megapixels": args.max_megapixels}
+    if any(source.get(k) != v for k, v in flags.items()) or manifest.get("identity", {}).get("dtype") != getattr(args, "dtype", "float32"):
+        return None
+    if not same_model(manifest.get("model", {}), args):
+        return None
+    try:
+        items = LazyItems(index_dir / "items.parquet")
+        indexed = list(zip(items["path"], items["size"].tolist(), items["mtime_ns"].tolist()))
+        captions = list(zip(items["caption"], items["meta"]))
+    except Exception:  # an unreadable or older index: the full path decides
+        return None
+    skipped = manifest.get("folder", {}).get("skipped", [])
+    files = walk_folder(root, exclude=args.exclude, include_hidden=args.include_hidden)
+    bad = {(b["path"], b.get("size"), b.get("mtime_ns")) for b in skipped}
+    listing = [(f.rel, f.size, f.mtime_ns) for f in files]
+    if [x for x in listing if x not in bad] != [(str(p), int(s), int(m)) for p, s, m in indexed]:
+        return None
+    if len(listing) - len(indexed) != len(bad):
+        return None
+    if [read_sidecar(root / rel) for rel, _, _ in indexed] != [(c, m) for c, m in captions]:
+        return None
+    for b in skipped:
+        log.warning("skipped %s: %s", b["path"], b["reason"])
+    return FolderIndexSummary(root=str(root), index_dir=str(index_dir), total=len(indexed), added=0, updated=0,
+                              removed=0, reused=0, unchanged=len(indexed), skipped=len(skipped),
+                              skipped_files=tuple((b["path"], b["reason"]) for b in skipped))
