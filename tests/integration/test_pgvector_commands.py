@@ -112,7 +112,7 @@ def test_serve_api_with_pgvector_and_a_filter_returns_the_exact_hits(cifar_copy,
     def hits(flags):
         args = build_parser().parse_args(["serve", "--index-dir", str(cifar_copy), "--device", "cpu", *flags])
         searchers = build_searchers(args)
-        with TestClient(create_app(searchers)) as client:
+        with TestClient(create_app(searchers), base_url="http://127.0.0.1") as client:
             got = []
             for q, where in (("apple", []), ("tulip", ["superclass=flowers"]), ("sky", ["label=cloud,sea"])):
                 r = client.get("/api/search", params={"q": q, "k": 8, "where": where})

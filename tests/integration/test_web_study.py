@@ -24,7 +24,7 @@ def searchers(tiny_index, tiny_encoder, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(searchers):
-    with TestClient(create_app(searchers)) as c:
+    with TestClient(create_app(searchers), base_url="http://127.0.0.1") as c:
         yield c
 
 
