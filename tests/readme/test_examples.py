@@ -126,9 +126,11 @@ def test_every_readme_example_runs_as_written(user_home, monkeypatch, capsys):
         argv = _expand(line, user_home)
         if argv[1] == "serve":
             _serve(argv, env, user_home / "work")
+            print(f"README example answered /healthz: {line}", file=sys.__stderr__)
             continue
         code = main(argv[1:])
         out, err = capsys.readouterr()
+        print(f"README example exit {code}: {line}", file=sys.__stderr__)  # the run's own record, shown with -s
         if code != 0 or "Traceback" in err:
             failures.append(f"{line}\n  exit {code}: {err.strip()[-400:]}")
     assert not failures, "README examples that fail:\n" + "\n".join(failures)
