@@ -79,6 +79,6 @@ def test_unchanged_cifar_split_needs_no_model(cifar_root, tiny_model, tmp_path, 
         out = _index(capsys, *argv, *extra)
         assert "already complete (200 images), nothing to do" in out and calls == []
     for extra in (("--batch-size", 8), ("--limit", 100), ("--dtype", "float16")):
-        _index(capsys, *argv, *extra)
+        _index(capsys, *argv, *extra, "--rebuild")  # other settings replace a complete index only when asked
         assert calls, extra
         calls.clear()
