@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import open_clip
-from cliplens import packed
+from cliplens import fast, packed
 from cliplens.encoder import load_encoder
 
 pytestmark = pytest.mark.skipif(not packed.available(), reason="this torch build has no oneDNN (mkldnn)")
@@ -108,9 +108,16 @@ def test_b32_packed_fp32_and_bf16_agree_with_the_unpacked_tower(b32_weights, rng
     with torch.inference_mode():
         want = torch.nn.functional.normalize(visual(x), dim=-1)
         bf16 = copy.deepcopy(visual).to(torch.bfloat16)
-        assert packed.pack_visual(bf16, min_cosine=0.999)
-        got16 = torch.nn.functional.normalize(bf16(x.to(torch.bfloat16)).float(), dim=-1)
+        unpacked16 = bf16(x.to(torch.bfloat16)).float()
+        bf16_packed = packed.pack_visual(bf16, min_cosine=0.999)
+        again16 = bf16(x.to(torch.bfloat16)).float()
+        got16 = torch.nn.functional.normalize(again16, dim=-1)
         assert packed.pack_visual(visual)
         got = torch.nn.functional.normalize(visual(x), dim=-1)
     assert float((got * want).sum(-1).min()) >= 0.99999  # exact mode's bar
-    assert float((got16 * want).sum(-1).mean()) >= 0.999  # fast mode's bar
+    if fast.has_bf16():  # bf16 is fast mode's tower only on CPUs that multiply bf16 natively: there it must pack
+        assert bf16_packed
+    if bf16_packed:
+        assert float((got16 * want).sum(-1).mean()) >= 0.999  # fast mode's bar
+    else:  # refused on its probe (this CPU emulates bf16): the original modules are back, bit for bit
+        assert torch.equal(again16, unpacked16)
