@@ -134,3 +134,24 @@ def test_a_folder_cliplens_did_not_extract_is_never_used_for_the_archive(tmp_pat
                           "--index-dir", tmp_path / "index")
     hf.assert_one_line_error(code, err, expect="was not extracted from")
     assert hf.tree_digest(fx.root) == before  # the user's folder is never deleted or overwritten
+
+
+def test_a_failed_swap_puts_the_previous_extraction_back(tmp_path, monkeypatch):
+    first = cf.make_cifar100(tmp_path / "a", archive=True, folder=False, seed=1)
+    other = cf.make_cifar100(tmp_path / "b", archive=True, folder=False, seed=2)
+    load_cifar("cifar100", "test", data_dir=first.archive, verify=False, progress=False)  # extracts A beside it
+    folder = first.root / "cifar-100-python"
+    before = hf.tree_digest(folder)
+    first.archive.write_bytes(other.archive.read_bytes())
+    real = _download.os.rename
+
+    def rename(src, dst):  # the new folder cannot be moved into place (a full disk, a racing tool, ...)
+        if Path(src).name == "cifar-100-python" and Path(dst) == folder:
+            raise OSError(28, "No space left on device")
+        return real(src, dst)
+
+    monkeypatch.setattr(_download.os, "rename", rename)
+    with pytest.raises(DatasetError, match="cannot extract"):
+        load_cifar("cifar100", "test", data_dir=first.archive, verify=False, progress=False)
+    assert hf.tree_digest(folder) == before  # the previous extraction is back, byte for byte
+    assert sorted(p.name for p in first.root.iterdir()) == ["cifar-100-python", ARCHIVE]  # no scratch left

@@ -189,6 +189,8 @@ def extract(archive: Path, folder: str, dest_parent: Path, *, digests: dict | No
             os.rename(tmp / folder, target)
         except OSError:
             if not target.is_dir():  # another process finishing first is fine; anything else not
+                if (tmp / "previous").is_dir():  # put the old extraction back before tmp is removed
+                    os.rename(tmp / "previous", target)
                 raise
     except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as exc:
         raise DatasetError(
