@@ -161,8 +161,8 @@ def main() -> int:
         port = free_port()
         proc = start_server(index_dir, port, work / "server.log")
         try:
-            m = store.manifest["model"]
-            print(f"server: {m['name']} ({'random stand-in weights' if args.index_dir is None else 'index model'}), "
+            m = store.manifest.model
+            print(f"server: {m.name} ({'random stand-in weights' if args.index_dir is None else 'index model'}), "
                   f"{len(store)} images, http://127.0.0.1:{port}, {os.cpu_count()} CPUs"
                   + (f"; stand-in index built in {built:.1f} s" if args.index_dir is None else ""))
             print(f"{args.clients} clients, {args.seconds:g} s per phase, GET /api/search k={args.k}\n")

@@ -5,8 +5,8 @@
 - The source is put in Ray's object store once; a shard is a row range ``[start, stop)`` that an actor loads,
   preprocesses and encodes in the same ``batch_size`` batches as a local run, so the vectors are identical to a
   local run on the same weights and device (the float results depend on batch shapes, not on which process ran).
-- Finished shards stream back to the driver, which writes each to ``INDEX_DIR/shards/`` atomically: no shared
-  filesystem is needed between machines. A shard that raises is retried (``max_retries`` times) and an actor
+- Finished shards stream back to the driver, which writes each to ``shards/`` in the build's scratch folder
+  atomically: no shared filesystem is needed between machines. A shard that raises is retried (``max_retries`` times) and an actor
   that dies is restarted by Ray; a failed or killed run keeps every finished shard and redoes only the others.
 - The store then merges the shards, in order, into the usual resumable ``IndexWriter``: same index format.
 
@@ -78,13 +78,25 @@ class RayEngine:
     def embed_into(self, source, encoder, writer, *, batch_size: int, checkpoint_every: int = 4, workers: int = 2,
                    progress: bool = True, on_batch: Callable[[int], None] | None = None) -> EmbedStats:
         """Embed every row of ``source`` into ``writer`` with Ray; ``workers`` (local threads) is unused here."""
+        done = writer.start()  # rows already merged into the store by an earlier run
+        try:
+            return self._embed_into(source, encoder, writer, done, batch_size=batch_size,
+                                    checkpoint_every=checkpoint_every, progress=progress, on_batch=on_batch)
+        except BaseException:
+            close = getattr(writer, "close", None)
+            if close is not None:
+                close()  # the index folder's lock goes; finished shards and checkpoints stay
+            raise
+
+    def _embed_into(self, source, encoder, writer, done: int, *, batch_size: int, checkpoint_every: int,
+                    progress: bool, on_batch) -> EmbedStats:
         t0 = time.perf_counter()
         n = len(source)
-        done = writer.start()  # rows already merged into the store by an earlier run
         shard_rows = max(1, self.options.shard_batches) * batch_size  # a multiple of batch_size: same batches as local
         bounds = [(i, s, min(s + shard_rows, n)) for i, s in enumerate(range(0, n, shard_rows))]
         shards = [(i, s, e) for i, s, e in bounds if e > done]
-        folder = _shard_folder(Path(writer.root), writer.identity, shard_rows, encoder.info.embed_dim)
+        scratch = Path(getattr(writer, "scratch", None) or writer.root)  # the build's own scratch folder
+        folder = _shard_folder(scratch, writer.identity, shard_rows, encoder.info.embed_dim)
         have = {i for i, s, e in shards if _valid_shard(folder, i, e - s, encoder.info.embed_dim)}
         todo = [sh for sh in shards if sh[0] not in have]
         t1 = time.perf_counter()

@@ -6,6 +6,7 @@ batches ahead of the model, so the CPU cores the model leaves idle between matri
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -111,21 +112,27 @@ def embed_into(source: BatchSource, encoder, writer: IndexWriter, *, batch_size:
     def prepare(start: int) -> np.ndarray:
         return encoder.preprocess(source.load(start, min(start + batch_size, n)))
 
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        ahead = workers + 1  # batches in flight: enough to hide preprocessing, bounded memory (~ahead x 38 MB)
-        futures = [pool.submit(prepare, s) for s in starts[:ahead]]
-        for i, start in enumerate(starts):
-            pixels = futures[i].result()
-            if i + ahead < len(starts):
-                futures.append(pool.submit(prepare, starts[i + ahead]))
-            futures[i] = None  # drop the reference: the pixels are large
-            writer.write(start, encoder.encode_pixels(pixels))
-            stop = start + len(pixels)
-            if (i + 1) % checkpoint_every == 0 or stop == n:
-                writer.checkpoint(stop)
-            bar.update(len(pixels))
-            if on_batch is not None:
-                on_batch(stop)
+    try:
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            ahead = workers + 1  # batches in flight: enough to hide preprocessing, bounded memory (~ahead x 38 MB)
+            futures = [pool.submit(prepare, s) for s in starts[:ahead]]
+            for i, start in enumerate(starts):
+                pixels = futures[i].result()
+                if i + ahead < len(starts):
+                    futures.append(pool.submit(prepare, starts[i + ahead]))
+                futures[i] = None  # drop the reference: the pixels are large
+                writer.write(start, encoder.encode_pixels(pixels))
+                stop = start + len(pixels)
+                if (i + 1) % checkpoint_every == 0 or stop == n:
+                    writer.checkpoint(stop)
+                bar.update(len(pixels))
+                if on_batch is not None:
+                    on_batch(stop)
+    except BaseException:
+        close = getattr(writer, "close", None)
+        if close is not None:
+            close()  # the lock goes; the build stays resumable
+        raise
     bar.close()
     return EmbedStats(count=n - done, resumed_from=done, seconds=time.perf_counter() - t0)
 
@@ -150,8 +157,7 @@ def describe_identity_change(old: dict, new: dict) -> str:
 
 def index_labeled(data, encoder, index_dir: str | Path, *, batch_size: int | None = None, dtype: str = "float32",
                   checkpoint_every: int = 4, progress: bool = True, store_images: bool = True,
-                  embed_fn: Callable[..., EmbedStats] | None = None,
-                  rebuild: bool = False) -> tuple[dict, EmbedStats]:
+                  embed_fn: Callable[..., EmbedStats] | None = None, rebuild: bool = False):
     """Index a labelled image set (``cliplens.datasets.LabeledImages``): embeddings, items and manifest.
 
     A complete index of other settings (weights, precision, dtype, count, source files) already in ``index_dir``
@@ -175,9 +181,10 @@ def index_labeled(data, encoder, index_dir: str | Path, *, batch_size: int | Non
         "dtype": dtype,
         "batch_size": batch_size,  # batch shapes fix the float results: resuming must reuse them
     }
-    writer = IndexWriter(root=Path(index_dir), identity=identity, dim=info.embed_dim)
+    writer = IndexWriter(root=Path(index_dir), identity=identity, dim=info.embed_dim,
+                         reserve_bytes=data.images.nbytes if store_images else 0)
     existing = writer.complete_identity()
-    if existing is not None and existing != identity and not rebuild:
+    if existing is not None and existing != json.loads(json.dumps(identity)) and not rebuild:
         raise IndexExistsError(index_dir, describe_identity_change(existing, identity))
     if writer.is_complete():
         log.info("%s already holds this index; nothing to do", index_dir)

@@ -17,7 +17,6 @@ import difflib
 import logging
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -25,6 +24,7 @@ import numpy as np
 
 from cliplens._files import cached_sha256
 from cliplens.errors import ModelError
+from cliplens.manifest import ModelInfo  # noqa: F401  (recorded in manifests; defined there)
 from cliplens.preprocess import ClipPreprocessConfig, preprocess_batch
 
 log = logging.getLogger(__name__)
@@ -34,22 +34,6 @@ DEFAULT_PRETRAINED = "openai"
 _FAST_MAX_PIXELS = 2_000_000
 SMALL_TEXT_BATCH = 32  # up to this many texts (queries, prompt ensembles) are encoded on one thread; see Encoder
 PRECISIONS = ("exact", "fast")  # fast: a faster image tower (cliplens.fast), recorded as "fast:<backend>"
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    """What identifies the embeddings a model produces; recorded in every index manifest."""
-
-    name: str
-    pretrained: str | None  # the tag ("openai") or None when weights came from a file
-    weights_path: str | None
-    weights_sha256: str | None
-    embed_dim: int
-    image_size: int
-    context_length: int
-    quick_gelu: bool
-    preprocess: str  # human-readable description of the eval transform
-    precision: str
 
 
 def resolve_device(device: str = "auto") -> str:

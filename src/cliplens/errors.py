@@ -56,3 +56,33 @@ class BackendError(CliplensError):
 
 class EngineError(CliplensError):
     """A distributed engine (Ray) cannot be reached or could not finish a job."""
+
+
+class ForeignFolderError(StoreError):
+    """An index folder was asked for in a folder that holds other things: cliplens never writes there."""
+
+    def __init__(self, folder, entries: int):
+        self.folder, self.entries = str(folder), entries
+        super().__init__(f"{folder} is not empty ({entries} entries) and is not a cliplens index: nothing was "
+                         "written; choose an empty or new folder for the index")
+
+
+class IndexBusyError(StoreError):
+    """Another process is writing this index right now."""
+
+    def __init__(self, folder, pid: int | None, since: str | None):
+        self.folder, self.pid, self.since = str(folder), pid, since
+        who = f"process {pid}" if pid else "another process"
+        super().__init__(f"index {folder} is being written by {who} since {since or 'an unknown time'}: "
+                         "wait for it to finish")
+
+
+class StoreSpaceError(StoreError):
+    """The disk holding an index folder is full (ENOSPC): nothing previous was damaged."""
+
+    def __init__(self, folder, need_bytes: int | None, free_bytes: int | None):
+        self.folder, self.need_bytes, self.free_bytes = str(folder), need_bytes, free_bytes
+        need = f"about {need_bytes / 1e6:.1f} MB" if need_bytes else "more space"
+        free = f" ({free_bytes / 1e6:.1f} MB free)" if free_bytes is not None else ""
+        super().__init__(f"not enough disk space in {folder}: this index needs {need}{free}; the previous index "
+                         "there is unchanged: free some space or choose another folder")

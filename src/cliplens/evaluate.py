@@ -32,6 +32,7 @@ import numpy as np
 
 from cliplens import metrics as M
 from cliplens.errors import BackendError, CliplensError
+from cliplens.manifest import Manifest
 from cliplens.preprocess import INTERPOLATIONS, ClipPreprocessConfig, preprocess_batch
 from cliplens.prompts import PromptError, classnames, load_templates, match_class
 from cliplens.textcache import class_text_features
@@ -111,7 +112,7 @@ class EvalConfig:
 
 @dataclass(frozen=True)
 class EvalReport:
-    manifest: dict  # the index's manifest (model, source, stats, ...)
+    manifest: Manifest  # the index's manifest (model, source, stats, ...)
     class_names: tuple[str, ...]
     superclass_names: tuple[str, ...]
     fine_to_coarse: np.ndarray | None
@@ -127,6 +128,7 @@ class EvalReport:
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["manifest"] = self.manifest.to_json()
         out["published"] = {"model": PUBLISHED_MODEL, "anchors": list(PUBLISHED), "note": "quoted, not measured here"}
         return jsonable(out)
 

@@ -8,10 +8,11 @@ Each run compares the folder with the index already in ``index_dir`` (if any):
 - indexed paths that are gone, and whose content did not move elsewhere, are removed;
 - files that cannot be decoded, or claim more than ``max_megapixels``, are skipped with one warning each.
 
-New embeddings go through ``embed_into`` (or ``embed_fn``, e.g. the Ray engine's: same contract) into
-``index_dir/pending/`` (a resumable mini-index), so an interrupted run continues where it stopped. The finished
-index is then written whole, in sorted path order, by a fresh IndexWriter: the manifest (written last) makes it
-visible, as for every cliplens index.
+The whole run holds the index folder's writer lock. New embeddings go through ``embed_into`` (or ``embed_fn``, e.g.
+the Ray engine's: same contract) into a resumable "pending" build in the index folder's own scratch space (see
+:mod:`cliplens.layout`), so an interrupted run continues where it stopped without embedding anything twice. The
+finished index is then written whole, in sorted path order, as a new generation: until it is complete, the
+previous index stays the current one.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,11 +40,11 @@ from cliplens.datasets.folder import (
 )
 from cliplens.embed import choose_batch_size, embed_into
 from cliplens.errors import DatasetError, IndexExistsError, StoreError
-from cliplens.store import MANIFEST, IndexStore, IndexWriter
+from cliplens.layout import IndexFolder
+from cliplens.store import PARTIAL, IndexStore, IndexWriter, read_current_manifest
 
 log = logging.getLogger(__name__)
 
-PENDING = "pending"
 _COPY_ROWS = 8192  # rows copied per write when assembling the index (8192 x 512 x 4 B = 16 MB)
 
 
@@ -103,6 +103,13 @@ class _ZeroFailed:
     def identity(self) -> dict:
         return self.writer.identity
 
+    @property
+    def scratch(self):
+        return self.writer.scratch
+
+    def close(self) -> None:
+        self.writer.close()
+
     def start(self) -> int:
         return self.writer.start()
 
@@ -128,24 +135,24 @@ class _Plan:
 
 def _previous(index_dir: Path, info, replace_other: bool = False, *, dtype: str = "float32", rebuild: bool = False):
     """The existing folder index in ``index_dir`` if its vectors can be reused with this model, else None."""
-    if not (index_dir / MANIFEST).is_file():
+    if read_current_manifest(index_dir) is None:
         return None
     try:
         store = IndexStore.open(index_dir)
     except StoreError as exc:
         log.warning("ignoring the unreadable index in %s (%s); re-embedding everything", index_dir, exc)
         return None
-    source = store.manifest.get("source", {})
-    if source.get("type") != "folder":
+    source = store.manifest.source
+    if source is None or source.type != "folder":
         if replace_other:
             return None
-        raise DatasetError(f"{index_dir} holds a {source.get('name', 'non-folder')} index, not a folder index: "
-                           "choose another --index-dir")
-    built = store.manifest["model"]
-    changed = [word for word, same in (("model", built["name"] == info.name),
-                                       ("weights", built.get("weights_sha256") == info.weights_sha256),
+        raise DatasetError(f"{index_dir} holds a {source.name if source else 'non-folder'} index, not a folder "
+                           "index: choose another index folder")
+    built = store.manifest.model
+    changed = [word for word, same in (("model", built.name == info.name),
+                                       ("weights", built.weights_sha256 == info.weights_sha256),
                                        ("embedding size", store.dim == info.embed_dim),
-                                       ("precision", built.get("precision", "exact") == info.precision),
+                                       ("precision", (built.precision or "exact") == info.precision),
                                        ("dtype", str(store.embeddings.dtype) == dtype)) if not same]
     if changed and not rebuild:
         raise IndexExistsError(index_dir, f"{', '.join(changed)} differ")
@@ -164,9 +171,9 @@ def _plan(root: Path, files: list[FolderFile], prev, options: FolderIndexOptions
     by_sha: dict[str, int] = {}
     for i, sha in enumerate(items.get("sha256", ())):
         by_sha.setdefault(str(sha), i)
-    same_root = prev is not None and prev.manifest["source"].get("root") == str(root)
+    same_root = prev is not None and prev.manifest.source.root == str(root)
     known_bad = {(b["path"], b.get("size"), b.get("mtime_ns")): b["reason"]  # unchanged bad files: not retried
-                 for b in (prev.manifest.get("folder", {}).get("skipped", []) if same_root else [])}
+                 for b in ((prev.manifest.folder or {}).get("skipped", []) if same_root else [])}
     need_hash = []
     for f in files:
         i = by_rel.get(f.rel)
@@ -214,6 +221,15 @@ def index_folder(root: str | Path, encoder, index_dir: str | Path, *,
     allow_pixels(options.max_pixels)
     unusable: list[tuple[str, str]] = []  # link loops, links out, names that are not UTF-8: counted as skipped
     files = walk_folder(root, exclude=options.exclude, include_hidden=options.include_hidden, skipped=unusable)
+    folder = IndexFolder.claim(index_dir)  # refuses a folder that is not an index; one writer at a time
+    try:
+        return _index_folder(root, files, unusable, encoder, index_dir, folder, options, embed_fn)
+    finally:
+        folder.release()
+
+
+def _index_folder(root: Path, files, unusable, encoder, index_dir: Path, folder: IndexFolder, options, embed_fn):
+    info = encoder.info
     prev = _previous(index_dir, info, options.replace_other, dtype=options.dtype, rebuild=options.rebuild)
     plan = _plan(root, files, prev, options)
     plan.skipped += unusable
@@ -224,7 +240,7 @@ def index_folder(root: str | Path, encoder, index_dir: str | Path, *,
     new_vectors = np.zeros((0, info.embed_dim), np.float32)
     if todo:
         new_vectors, failed = _embed_pending(root, [t[0].rel for t in todo], [t[1] for t in todo], encoder,
-                                             index_dir / PENDING, options, embed_fn=embed_fn)
+                                             folder, options, embed_fn=embed_fn)
         plan.skipped += [(todo[pos][0].rel, reason) for pos, reason in sorted(failed.items())]
     embedded_seconds = time.perf_counter() - t0
     for rel, reason in plan.skipped:
@@ -257,19 +273,19 @@ def index_folder(root: str | Path, encoder, index_dir: str | Path, *,
                                  embedded_seconds=embedded_seconds, **counts)
     prev_emb = prev.embeddings if prev is not None else None
     del prev  # the old embeddings file is replaced when the new index is written
-    _write_index(index_dir, root, info, rows, prev_emb, new_vectors, files, summary, options)
-    shutil.rmtree(index_dir / PENDING, ignore_errors=True)
+    _write_index(folder, root, info, rows, prev_emb, new_vectors, files, summary, options)
     return summary
 
 
-def _write_index(index_dir: Path, root: Path, info, rows, prev_emb, new_vectors, files, summary, options) -> None:
+def _write_index(folder: IndexFolder, root: Path, info, rows, prev_emb, new_vectors, files, summary,
+                 options) -> None:
     captions = [read_sidecar(root / f.rel, root=root) for f, *_ in rows]
     listing = [[f.rel, f.size, f.mtime_ns, sha, cap, meta] for (f, sha, _, _), (cap, meta) in zip(rows, captions)]
     fingerprint = hashlib.sha256(json.dumps(listing, ensure_ascii=False).encode()).hexdigest()
     identity = {"model": info.name, "pretrained": info.pretrained, "weights_sha256": info.weights_sha256,
                 "precision": info.precision, "source": "folder", "root": str(root), "count": len(rows),
                 "fingerprint": fingerprint, "dtype": options.dtype}
-    writer = IndexWriter(root=index_dir, identity=identity, dim=info.embed_dim)
+    writer = IndexWriter(root=folder.root, identity=identity, dim=info.embed_dim, folder=folder)
     if writer.is_complete():  # same files, same captions, same model: nothing to write
         return
     writer.start()
@@ -312,24 +328,25 @@ def _write_index(index_dir: Path, root: Path, info, rows, prev_emb, new_vectors,
     writer.finalize(items=items, manifest=manifest)
 
 
-def _embed_pending(root: Path, rels: list[str], shas: list[str], encoder, pending_dir: Path,
+def _embed_pending(root: Path, rels: list[str], shas: list[str], encoder, folder: IndexFolder,
                    options: FolderIndexOptions, *,
                    embed_fn: Callable | None = None) -> tuple[np.ndarray, dict[int, str]]:
-    """Embed ``rels`` into the resumable mini-index ``pending_dir``; return (vectors, failed position -> reason)."""
+    """Embed ``rels`` into a resumable "pending" build of ``folder``; return (vectors, failed position -> reason).
+
+    The build stays in the folder's scratch space until the new generation is committed, so a run killed while
+    assembling the index finds these vectors again."""
     info = encoder.info
     batch_size = options.batch_size or choose_batch_size(encoder)  # fixed here: a resumed run batches the same way
     identity = {"model": info.name, "weights_sha256": info.weights_sha256, "precision": info.precision,
                 "source": "folder-pending", "count": len(rels),
                 "fingerprint": hashlib.sha256(json.dumps([rels, shas]).encode()).hexdigest(),
                 "dtype": "float32", "batch_size": batch_size}
-    writer = IndexWriter(root=pending_dir, identity=identity, dim=info.embed_dim)
+    writer = IndexWriter(root=folder.root, identity=identity, dim=info.embed_dim, kind="pending", folder=folder)
     source = FolderSource(root, rels, max_pixels=options.max_pixels)
-    if not writer.is_complete():
-        (embed_fn or embed_into)(source, encoder, _ZeroFailed(writer, source.failed), batch_size=batch_size,
-                                 checkpoint_every=1, workers=options.workers, progress=options.progress)
-        writer.finalize(items={"id": np.arange(len(rels), dtype=np.int64), "ref": rels, "sha256": shas},
-                        manifest={"model": dict(info.__dict__), "source": {"type": "folder-pending"}})
-    vectors = np.load(pending_dir / "embeddings.npy")
+    (embed_fn or embed_into)(source, encoder, _ZeroFailed(writer, source.failed), batch_size=batch_size,
+                             checkpoint_every=1, workers=options.workers, progress=options.progress)
+    writer.close()
+    vectors = np.load(writer.scratch / PARTIAL)
     failed = dict(source.failed)
     for pos in np.flatnonzero(~vectors.any(axis=1)):  # zero rows: failed here or in an interrupted earlier run
         failed.setdefault(int(pos), "could not be decoded")

@@ -53,16 +53,13 @@ class ProbeConfig:
             raise ProbeError(f"--limit-per-class needs at least 2 (one to train, one to validate), got {self.limit_per_class}")
 
 
-def check_compatible(train_manifest: dict, test_manifest: dict) -> None:
-    """Both indexes must hold embeddings of the same model and the same classes."""
-    a, b = train_manifest["model"], test_manifest["model"]
-    if (a["name"], a.get("weights_sha256")) != (b["name"], b.get("weights_sha256")):
-        def label(m: dict) -> str:
-            return f"{m['name']} (weights sha256 {(m.get('weights_sha256') or 'none')[:12]})"
-
-        raise ModelMismatchError(f"the train index was built with {label(a)} and the test index with {label(b)}: "
+def check_compatible(train_manifest, test_manifest) -> None:
+    """Both indexes (their ``Manifest``s) must hold embeddings of the same model and the same classes."""
+    a, b = train_manifest.model, test_manifest.model
+    if not a.same_vectors(b):
+        raise ModelMismatchError(f"the train index was built with {a.label()} and the test index with {b.label()}: "
                                  "embed both with the same --model/--pretrained")
-    if not train_manifest.get("class_names") or train_manifest.get("class_names") != test_manifest.get("class_names"):
+    if not train_manifest.class_names or train_manifest.class_names != test_manifest.class_names:
         raise ProbeError("the train and test indexes must both have labels with the same class names "
                          "(index the train and test splits of one data set)")
 

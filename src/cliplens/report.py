@@ -38,21 +38,11 @@ def dumps(obj, indent: int = 2, _level: int = 0) -> str:
     return json.dumps(obj)
 
 
-def model_label(m: dict) -> str:
-    """``ViT-B-32-quickgelu/openai``, ``ViT-B-32 (weights /path/ckpt.pt)`` or a self-describing ``hf-hub:`` name."""
-    if m.get("pretrained"):
-        return f"{m['name']}/{m['pretrained']}"
-    if m.get("weights_path") and ":" not in m["name"]:
-        return f"{m['name']} (weights {m['weights_path']})"
-    return str(m["name"])
-
-
-def _model_line(manifest: dict) -> str:
-    m = manifest.get("model", {})
-    src = manifest.get("source", {})
-    sha = m.get("weights_sha256") or "none (random weights)"
-    return (f"Index: {src.get('name', '?')} {src.get('split') or ''} ({manifest.get('count')} images). "
-            f"Model: {model_label(m)}, weights sha256 {sha}. "
+def _model_line(manifest) -> str:
+    m, src = manifest.model, manifest.source
+    sha = m.weights_sha256 or "none (random weights)"
+    return (f"Index: {src.name if src else '?'} {(src.split if src else None) or ''} ({manifest.count} images). "
+            f"Model: {m.short_label()}, weights sha256 {sha}. "
             f"Every number below was measured here with these weights, except those labelled published.")
 
 
@@ -97,7 +87,7 @@ def _zero_shot(r: EvalReport, classes: int, images: np.ndarray | None = None) ->
                    "errors inside true superclass", "published, same setup"), rows)
     published = Table(("published (not measured here)", "value", "source"),
                       tuple((f"published: {p['metric']}", pct(p["value"]), p["source"]) for p in PUBLISHED))
-    blocks: list = [f"{r.manifest.get('count')} images, {classes} classes; chance top-1 is "
+    blocks: list = [f"{r.manifest.count} images, {classes} classes; chance top-1 is "
                     f"{pct(1 / classes)}.", table,
                     "Published figures sit beside the row run the same way: CLIP_benchmark and open_clip's table "
                     "build the classifier from the raw class names (aquarium_fish), the CLIP paper from English ones. "

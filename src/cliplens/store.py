@@ -1,110 +1,181 @@
-"""The on-disk index: one folder holding everything a search needs.
+"""The on-disk index: one folder holding everything a search needs, read and checked here.
 
-    manifest.json          what was embedded, how, with which weights; written LAST, so its presence means complete
-    embeddings.npy         float32 (default) or float16 (N, D) unit rows, memory-mapped on load
-    items.parquet          id, ref, label, label_name, superclass, superclass_name (+ source-specific columns)
-    images.npy             optional uint8 (N, H, W, 3) thumbnails for tiny-image sources (CIFAR: 30 MB for 10k)
+    INDEX_DIR/CURRENT -> gen-000003/
+      manifest.json      what was embedded, how, with which weights; the digest of items.parquet (cliplens.manifest)
+      embeddings.npy     float32 (default) or float16 (N, D) unit rows, memory-mapped on load
+      items.parquet      id, ref, label, label_name, superclass, superclass_name (+ source-specific columns)
+      images.npy         optional uint8 (N, H, W, 3) thumbnails for tiny-image sources (CIFAR: 30 MB for 10k)
 
-While indexing, ``progress.json`` and ``embeddings.partial.npy`` hold the work so far. A killed run restarted with
-the same settings continues from the last checkpoint and ends byte-identical to an uninterrupted run (same
-batches, same order); an index with progress.json and no manifest is reported as incomplete, never searched.
-Every file is written under a temporary name and renamed into place.
+How the folder is laid out, claimed, locked and switched from one generation to the next: :mod:`cliplens.layout`;
+how a generation is written, resumably: :mod:`cliplens.writer`. :meth:`IndexStore.open` resolves CURRENT once,
+so every file it reads comes from one generation, and refuses a damaged one with one line naming the file: the
+manifest's schema, the vectors' shape and dtype, the items' columns, row count and digest, ids and label ranges,
+the thumbnails' shape, and finite vectors (a sample of rows; every row with ``check=True``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from cliplens import __version__
-from cliplens._files import atomic_path, write_json_atomic
+from cliplens import manifest as manifest_io
+from cliplens._files import file_digest
 from cliplens.errors import ModelMismatchError, StoreError
+from cliplens.layout import SCRATCH_META, builds, current_generation, is_format1
+from cliplens.manifest import Manifest, ModelInfo
+from cliplens.writer import (  # noqa: F401  (the writer's names, importable from the store as before)
+    DTYPES,
+    EMBEDDINGS,
+    IMAGES,
+    ITEMS,
+    MANIFEST,
+    PARTIAL,
+    PROGRESS,
+    IndexWriter,
+    write_items,
+)
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-MANIFEST, EMBEDDINGS, ITEMS, IMAGES = "manifest.json", "embeddings.npy", "items.parquet", "images.npy"
-PROGRESS, PARTIAL = "progress.json", "embeddings.partial.npy"
-DTYPES = ("float32", "float16")
+FORMAT_VERSION = manifest_io.SCHEMA_VERSION
+FINITE_SAMPLE = 4096  # rows checked for NaN/inf when an index opens (all of them with check=True)
+_CHECK_ROWS = 65536  # rows per chunk of a full check
 
 
-# --------------------------------------------------------------------------- reading
+def index_files(root: str | Path) -> Path:
+    """The folder holding the current generation's files (the index folder itself for a format-1 index)."""
+    root = Path(root).expanduser()
+    return current_generation(root) or root
+
+
+def read_current_manifest(root: str | Path) -> Manifest | None:
+    """The current generation's manifest, or None when there is none (or it cannot be read)."""
+    root = Path(root).expanduser()
+    try:
+        gen = current_generation(root)
+        if gen is None and not is_format1(root):
+            return None
+        return manifest_io.read((gen or root) / MANIFEST)
+    except StoreError:
+        return None
+
+
+def _incomplete(root: Path) -> str | None:
+    """How far an unfinished build got, for the message: "64 of 200", or None when there is none."""
+    candidates = [b / PROGRESS for b in builds(root)] + [root / PROGRESS]
+    for path in candidates:
+        try:
+            state = json.loads(path.read_text())
+            if path.parent != root and json.loads((path.parent / SCRATCH_META).read_text()).get("kind") != "index":
+                continue
+            return f"{state.get('rows_done', '?')} of {state.get('identity', {}).get('count', '?')}"
+        except (OSError, ValueError, AttributeError):
+            continue
+    return None
 
 
 class IndexStore:
-    """A complete index folder, opened read-only. Embeddings stay on disk (memory-mapped)."""
+    """A complete index generation, opened read-only. Embeddings stay on disk (memory-mapped)."""
 
-    def __init__(self, root: Path, manifest: dict, embeddings: np.ndarray, items: dict[str, np.ndarray]):
-        self.root = root
+    def __init__(self, root: Path, manifest: Manifest, embeddings: np.ndarray, items: dict[str, np.ndarray],
+                 files: Path | None = None):
+        self.root = root  # the index folder (what users name; backends keep their files here)
+        self.files = files or root  # the generation folder the data below was read from
         self.manifest = manifest
         self.embeddings = embeddings
-        self.items = items  # column name -> numpy array (object arrays for strings)
+        self.items = items  # column name -> numpy array (object arrays for strings), read lazily
+
+    @property
+    def generation(self) -> str:
+        return self.files.name if self.files != self.root else ""
 
     @classmethod
-    def open(cls, root: str | Path) -> "IndexStore":
+    def open(cls, root: str | Path, *, check: bool = False) -> "IndexStore":
         root = Path(root).expanduser()
         if not root.is_dir():
             raise StoreError(f"no index at {root}: build one with `cliplens index ... --index-dir {root}`")
-        if not (root / MANIFEST).is_file():
-            if (root / PROGRESS).is_file():
-                done = _read_json(root / PROGRESS).get("rows_done", "?")
-                total = _read_json(root / PROGRESS).get("identity", {}).get("count", "?")
-                raise StoreError(
-                    f"index at {root} is incomplete ({done} of {total} images embedded): "
-                    "run the same `cliplens index` command again to resume it"
-                )
-            if (root / PARTIAL).exists() or any(p.name.startswith("pending") for p in root.iterdir()):
-                raise StoreError(f"index at {root} is unfinished (an indexing run stopped before it completed): "
-                                 "run the same `cliplens index` command again to finish it")
-            raise StoreError(f"{root} is not a cliplens index (no {MANIFEST}): build one with `cliplens index`")
-        manifest = _read_json(root / MANIFEST)
-        if manifest.get("format_version") != FORMAT_VERSION:
-            raise StoreError(
-                f"index at {root} has format {manifest.get('format_version')!r}, this cliplens reads "
-                f"{FORMAT_VERSION}: rebuild it with `cliplens index`"
-            )
+        files = current_generation(root)
+        if files is None:
+            if not is_format1(root):
+                done = _incomplete(root)
+                if done:
+                    raise StoreError(f"index at {root} is incomplete ({done} images embedded): "
+                                     "run the same `cliplens index` command again to resume it")
+                raise StoreError(f"{root} is not a cliplens index (no {MANIFEST}): build one with `cliplens index`")
+            files = root  # format 1: the files at the top of the folder
+        manifest = manifest_io.read(files / MANIFEST)
+        store = cls(root, manifest, *_read_data(root, files, manifest), files=files)
+        store.validate(full=check)
+        return store
+
+    def refreshed(self) -> "IndexStore":
+        """This store, or the folder's newer generation when one has been completed since it was opened."""
         try:
-            emb = np.load(root / EMBEDDINGS, mmap_mode="r")
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"index at {root} is corrupt ({EMBEDDINGS}: {exc}); rebuild it with `cliplens index`") from None
-        want = (manifest["count"], manifest["embedding_dim"])
-        if emb.shape != want or str(emb.dtype) != manifest["dtype"]:
-            raise StoreError(
-                f"index at {root} is corrupt: {EMBEDDINGS} is {emb.dtype}{emb.shape}, manifest says "
-                f"{manifest['dtype']}{want}; rebuild it with `cliplens index`"
-            )
-        from cliplens.items import LazyItems
+            if current_generation(self.root) in (None, self.files):
+                return self
+            return IndexStore.open(self.root)
+        except StoreError as exc:
+            log.warning("keeping generation %s of %s: the new one cannot be opened (%s)", self.generation,
+                        self.root, exc)
+            return self
 
-        items = LazyItems(root / ITEMS)  # columns read on first use (cliplens.items)
-        if items.num_rows != manifest["count"] or "id" not in items:
-            raise StoreError(f"index at {root} is corrupt: {ITEMS} has {items.num_rows} rows, expected {manifest['count']}")
-        return cls(root, manifest, emb, items)
+    # ---------------------------------------------------------------- validation
+    def _bad(self, name: str, what: str) -> StoreError:
+        return StoreError(f"index at {self.root} is corrupt: {self.files / name} {what}; rebuild it with "
+                          f"`cliplens index ... --index-dir {self.root}`")
 
+    def validate(self, *, full: bool = False) -> None:
+        """Counts, dims, dtypes, ids, label ranges, thumbnails, finiteness (sampled unless ``full``)."""
+        m, n = self.manifest, len(self)
+        if not np.array_equal(np.asarray(self.items["id"]), np.arange(n)):
+            raise self._bad(ITEMS, f"has ids that are not 0..{n - 1} in order")
+        for col, names in (("label", m.class_names), ("superclass", m.superclass_names)):
+            if names and col in self.items and n:
+                values = np.asarray(self.items[col])
+                if values.dtype.kind not in "iu" or values.min() < 0 or values.max() >= len(names):
+                    raise self._bad(ITEMS, f"has {col} values outside 0..{len(names) - 1}")
+        if m.fine_to_coarse is not None and (len(m.fine_to_coarse) != len(m.class_names or ())
+                                             or any(not 0 <= c < len(m.superclass_names or ()) for c in m.fine_to_coarse)):
+            raise self._bad(MANIFEST, "has a fine_to_coarse map that does not fit its class names")
+        if (self.files / IMAGES).is_file():
+            try:
+                images = np.load(self.files / IMAGES, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise self._bad(IMAGES, f"cannot be read ({type(exc).__name__})") from None
+            if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != n or images.shape[3] != 3:
+                raise self._bad(IMAGES, f"is {images.dtype}{images.shape}, expected uint8 ({n}, H, W, 3)")
+        if full:
+            for lo in range(0, n, _CHECK_ROWS):
+                if not np.isfinite(np.asarray(self.embeddings[lo : lo + _CHECK_ROWS], np.float32)).all():
+                    raise self._bad(EMBEDDINGS, "holds NaN or infinite values")
+        elif n:
+            rows = np.unique(np.linspace(0, n - 1, min(n, FINITE_SAMPLE)).astype(np.int64))
+            if not np.isfinite(np.asarray(self.embeddings[rows], np.float32)).all():
+                raise self._bad(EMBEDDINGS, "holds NaN or infinite values (in the sampled rows)")
+
+    # ---------------------------------------------------------------- reading
     def __len__(self) -> int:
-        return int(self.manifest["count"])
+        return int(self.manifest.count)
 
     @property
     def dim(self) -> int:
-        return int(self.manifest["embedding_dim"])
+        return int(self.manifest.embedding_dim)
 
     @property
     def has_labels(self) -> bool:
-        return "label" in self.items and bool(self.manifest.get("class_names"))
+        return "label" in self.items and bool(self.manifest.class_names)
 
     @property
     def class_names(self) -> tuple[str, ...]:
-        return tuple(self.manifest.get("class_names") or ())
+        return tuple(self.manifest.class_names or ())
 
     @property
     def superclass_names(self) -> tuple[str, ...]:
-        return tuple(self.manifest.get("superclass_names") or ())
+        return tuple(self.manifest.superclass_names or ())
 
     @property
     def labels(self) -> np.ndarray | None:
@@ -117,12 +188,12 @@ class IndexStore:
 
     @property
     def fine_to_coarse(self) -> np.ndarray | None:
-        f2c = self.manifest.get("fine_to_coarse")
+        f2c = self.manifest.fine_to_coarse
         return np.asarray(f2c, dtype=np.int64) if f2c is not None else None
 
     def images(self) -> np.ndarray | None:
         """uint8 (N,H,W,3) thumbnails when the source stored them (tiny-image sets), memory-mapped."""
-        path = self.root / IMAGES
+        path = self.files / IMAGES
         return np.load(path, mmap_mode="r") if path.is_file() else None
 
     def item(self, item_id: int) -> dict[str, Any]:
@@ -130,22 +201,53 @@ class IndexStore:
             raise StoreError(f"no item {item_id} in index {self.root} (ids run 0..{len(self) - 1})")
         return {k: _py(v[item_id]) for k, v in self.items.items()}
 
-    def check_model(self, info) -> None:
+    def check_model(self, info: ModelInfo) -> None:
         """Refuse to compare query vectors from one model with image vectors from another."""
-        built = self.manifest["model"]
-        same = built["name"] == info.name and built.get("weights_sha256") == info.weights_sha256
-        if not same:
+        built = self.manifest.model
+        if not built.same_vectors(info):
             raise ModelMismatchError(
-                f"index at {self.root} was built with {_model_label(built)}, not {_model_label(info.__dict__)}: "
-                f"query it with --model {built['name']} "
-                + (f"--pretrained {built['pretrained']}" if built.get("pretrained") else "--weights <that file>")
+                f"index at {self.root} was built with {built.label()}, not {info.label()}: "
+                f"query it with --model {built.name} "
+                + (f"--pretrained {built.pretrained}" if built.pretrained else "--weights <that file>")
                 + " or rebuild it"
             )
 
 
-def _model_label(m: dict) -> str:
-    sha = (m.get("weights_sha256") or "none")[:12]
-    return f"{m['name']}/{m.get('pretrained') or 'file'} (weights sha256 {sha})"
+def _read_data(root: Path, files: Path, m: Manifest) -> tuple[np.ndarray, dict]:
+    def bad(name, what):
+        return StoreError(f"index at {root} is corrupt: {files / name} {what}; rebuild it with "
+                          f"`cliplens index ... --index-dir {root}`")
+
+    if m.dtype not in DTYPES:
+        raise bad(MANIFEST, f"names dtype {m.dtype!r}, not float32 or float16")
+    try:
+        emb = np.load(files / EMBEDDINGS, mmap_mode="r")
+    except (OSError, ValueError) as exc:
+        raise bad(EMBEDDINGS, f"cannot be read ({type(exc).__name__}: {str(exc)[:80]})") from None
+    want = (m.count, m.embedding_dim)
+    if emb.shape != want or str(emb.dtype) != m.dtype:
+        raise bad(EMBEDDINGS, f"is {emb.dtype}{emb.shape}, the manifest says {m.dtype}{want}")
+    digest = (m.files.get(ITEMS) or {}).get("sha256")
+    if digest is not None and _digest(files / ITEMS) != digest:
+        raise bad(ITEMS, "is not the one this index was built with (its sha256 differs from the manifest's)")
+    if m.format_version >= 2 and digest is None:
+        raise bad(MANIFEST, f"records no digest of {ITEMS}")
+    from cliplens.items import LazyItems
+
+    items = LazyItems(files / ITEMS)  # columns read on first use (cliplens.items)
+    for col in ("id", "ref"):
+        if col not in items:
+            raise bad(ITEMS, f"has no {col!r} column")
+    if items.num_rows != m.count:
+        raise bad(ITEMS, f"has {items.num_rows} rows, expected {m.count}")
+    return emb, items
+
+
+def _digest(path: Path) -> str | None:
+    try:
+        return file_digest(path)
+    except OSError:
+        return None
 
 
 def _py(v):
@@ -153,124 +255,8 @@ def _py(v):
 
 
 def read_items(path: Path) -> dict[str, np.ndarray]:
+    """Every column of an ``items.parquet`` (as :class:`cliplens.items.LazyItems` reads them, without pandas)."""
     from cliplens.items import LazyItems
 
     items = LazyItems(path)
     return {name: items[name] for name in items}
-
-
-def write_items(path: Path, columns: dict[str, Any]) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    table = pa.table(columns)
-    with atomic_path(path) as tmp:
-        pq.write_table(table, tmp)
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise StoreError(f"cannot read {path} ({exc}); rebuild the index with `cliplens index`") from None
-
-
-# --------------------------------------------------------------------------- writing
-
-
-@dataclass
-class IndexWriter:
-    """Writes one index, resumably. ``identity`` is everything that determines the embeddings' bytes."""
-
-    root: Path
-    identity: dict  # model info, source, split, count, fingerprint, dtype, batch_size
-    dim: int
-
-    def __post_init__(self) -> None:
-        self.root = Path(self.root).expanduser()
-        self.count = int(self.identity["count"])
-        self.dtype = self.identity["dtype"]
-        if self.dtype not in DTYPES:
-            raise StoreError(f"unknown embedding dtype {self.dtype!r}: use float32 or float16")
-        self._mm: np.memmap | None = None
-
-    def is_complete(self) -> bool:
-        """True when the folder already holds a finished index of exactly this identity."""
-        path = self.root / MANIFEST
-        if not path.is_file() or (self.root / PROGRESS).is_file():
-            return False
-        try:
-            return json.loads(path.read_text()).get("identity") == self.identity
-        except (OSError, ValueError):
-            return False
-
-    def complete_identity(self) -> dict | None:
-        """The identity of a finished index already in this folder (whatever its settings), or None."""
-        path = self.root / MANIFEST
-        if not path.is_file() or (self.root / PROGRESS).is_file():
-            return None
-        try:
-            found = json.loads(path.read_text()).get("identity")
-        except (OSError, ValueError):
-            return None
-        return found if isinstance(found, dict) else None
-
-    def start(self) -> int:
-        """Open the partial embeddings; return how many rows are already done (0 unless resuming)."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        progress = self.root / PROGRESS
-        partial = self.root / PARTIAL
-        if progress.is_file() and partial.is_file():
-            state = _read_json(progress)
-            if state.get("identity") == self.identity:
-                self._mm = np.lib.format.open_memmap(partial, mode="r+")
-                if self._mm.shape == (self.count, self.dim) and str(self._mm.dtype) == self.dtype:
-                    done = int(state["rows_done"])
-                    log.info("resuming %s at %d/%d", self.root, done, self.count)
-                    return done
-            log.warning("discarding an unfinished index in %s built with other settings", self.root)
-        self._mm = None
-        with atomic_path(partial) as tmp:  # header + zeros, created whole before anything points at it
-            np.lib.format.open_memmap(tmp, mode="w+", dtype=self.dtype, shape=(self.count, self.dim)).flush()
-        self._mm = np.lib.format.open_memmap(partial, mode="r+")
-        self.checkpoint(0)
-        return 0
-
-    def write(self, start: int, vectors: np.ndarray) -> None:
-        self._mm[start : start + len(vectors)] = vectors.astype(self.dtype, copy=False)
-
-    def checkpoint(self, rows_done: int) -> None:
-        """Make rows [0, rows_done) durable, then record that they are (in that order)."""
-        self._mm.flush()
-        write_json_atomic(self.root / PROGRESS, {"identity": self.identity, "rows_done": rows_done})
-
-    def finalize(self, *, items: dict[str, Any], manifest: dict, images: np.ndarray | None = None) -> dict:
-        """Move the finished embeddings into place and write the manifest last."""
-        self._mm.flush()
-        del self._mm
-        self._mm = None
-        # An older complete index in this folder stops being "complete" before any of its files is replaced;
-        # a crash from here on leaves an incomplete index that the same command finishes.
-        (self.root / MANIFEST).unlink(missing_ok=True)
-        if images is not None:
-            with atomic_path(self.root / IMAGES) as tmp:
-                with open(tmp, "wb") as f:
-                    np.save(f, np.ascontiguousarray(images))
-        write_items(self.root / ITEMS.replace(".parquet", ".new.parquet"), items)
-        full = {
-            "format_version": FORMAT_VERSION,
-            "cliplens_version": __version__,
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "count": self.count,
-            "embedding_dim": self.dim,
-            "dtype": self.dtype,
-            "identity": self.identity,
-            **manifest,
-        }
-        os.replace(self.root / PARTIAL, self.root / EMBEDDINGS)
-        os.replace(self.root / ITEMS.replace(".parquet", ".new.parquet"), self.root / ITEMS)
-        if images is None:
-            (self.root / IMAGES).unlink(missing_ok=True)
-        write_json_atomic(self.root / MANIFEST, full)
-        (self.root / PROGRESS).unlink(missing_ok=True)
-        return full

@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,7 +17,7 @@ from PIL import Image
 
 import cifar_fixture
 from cliplens.cli import main
-from cliplens.store import IndexStore
+from cliplens.store import IndexStore, index_files
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -148,7 +147,7 @@ def test_verified_official_files_are_recorded(tmp_path, tiny_model, monkeypatch,
     code, _, _ = run_cli(capsys, "index", "cifar100", "--data-dir", tmp_path / "d", "--index-dir", tmp_path / "i",
                          "--model", tiny_model, "-q")
     assert code == 0
-    assert IndexStore.open(tmp_path / "i").manifest["source"]["fingerprint"]["verified"] is True
+    assert IndexStore.open(tmp_path / "i").manifest.source.fingerprint["verified"] is True
 
 
 def test_truncated_archive(tmp_path, tiny_model, capsys):
@@ -189,9 +188,8 @@ def test_bad_queries(cli_index, capsys, argv, needle, tmp_path, monkeypatch):
 def test_missing_and_half_written_index(tmp_path, cli_index, capsys):
     code, _, err = run_cli(capsys, "search", "tractor", "--index-dir", tmp_path / "none")
     assert_one_line_error(code, err, "no index at")
-    half = tmp_path / "half"
-    shutil.copytree(cli_index, half)
-    (half / "manifest.json").unlink()
+    half = tmp_path / "half"  # a format-1 index killed while it was being written
+    half.mkdir()
     (half / "progress.json").write_text(json.dumps({"identity": {"count": 200}, "rows_done": 64}))
     code, _, err = run_cli(capsys, "search", "tractor", "--index-dir", half)
     assert_one_line_error(code, err, "incomplete (64 of 200 images embedded)")
@@ -224,11 +222,13 @@ def test_killed_run_resumes_to_identical_embeddings(cifar_root, b32_weights, tmp
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_index_cmd(cifar_root, killed), env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
-    progress = killed / "progress.json"
+    def progress():  # the build's own scratch folder (cliplens.layout), whatever mkdtemp named it
+        return next(iter(killed.glob(".build-*/progress.json")), killed / "progress.json")
+
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
         try:
-            if json.loads(progress.read_text())["rows_done"] >= 8:
+            if json.loads(progress().read_text())["rows_done"] >= 8:
                 break
         except (OSError, ValueError, KeyError):
             pass
@@ -236,7 +236,7 @@ def test_killed_run_resumes_to_identical_embeddings(cifar_root, b32_weights, tmp
     assert proc.poll() is None, "the run finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    done = json.loads(progress.read_text())["rows_done"]
+    done = json.loads(progress().read_text())["rows_done"]
     assert 8 <= done < 32
     r = subprocess.run([sys.executable, "-m", "cliplens", "search", "tractor", "--index-dir", str(killed)],
                        env=env, capture_output=True, text=True)
@@ -247,8 +247,10 @@ def test_killed_run_resumes_to_identical_embeddings(cifar_root, b32_weights, tmp
     whole = tmp_path / "whole"
     r = subprocess.run(_index_cmd(cifar_root, whole), env=env, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
-    assert (killed / "embeddings.npy").read_bytes() == (whole / "embeddings.npy").read_bytes()
-    assert (killed / "items.parquet").read_bytes() == (whole / "items.parquet").read_bytes()
+    killed_files, whole_files = index_files(killed), index_files(whole)
+    assert (killed_files / "embeddings.npy").read_bytes() == (whole_files / "embeddings.npy").read_bytes()
+    assert (killed_files / "items.parquet").read_bytes() == (whole_files / "items.parquet").read_bytes()
+    assert not list(killed.rglob("*.tmp")) and not list(killed.glob(".build-*"))  # nothing left behind
 
 
 def test_search_with_a_template_file_ensembles_its_templates(cli_index, tiny_encoder, capsys, tmp_path):

@@ -14,7 +14,7 @@ import pytest
 
 from cliplens.cli import main
 from cliplens.prompts import load_templates
-from cliplens.store import IndexStore
+from cliplens.store import IndexStore, index_files
 
 CASES = {"tractor": ["a tractor", "a tank"], "tulip": ["a tulip", "a flower with cup shape"],
          "seal": ["a seal", "a seal, a marine animal", "a wax seal on a letter"],
@@ -40,7 +40,7 @@ def test_evaluate_writes_a_complete_report(evaluated, tiny_index, capsys):
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics == json.loads((tmp / "copy.json").read_text())
     store = IndexStore.open(tiny_index)
-    assert metrics["manifest"] == json.loads((tiny_index / "manifest.json").read_text())
+    assert metrics["manifest"] == json.loads((index_files(tiny_index) / "manifest.json").read_text())
     assert metrics["templates"]["cifar100"] == list(load_templates("cifar100")) and len(metrics["templates"]["cifar100"]) == 18
     assert metrics["templates"]["single"] == ["a photo of a {}."]
 
@@ -79,7 +79,7 @@ def test_evaluate_writes_a_complete_report(evaluated, tiny_index, capsys):
     assert res["rows"][0]["top1"] == res["stored_top1"]
 
     md = (report / "report.md").read_text()
-    sha = store.manifest["model"]["weights_sha256"]
+    sha = store.manifest.model.weights_sha256
     assert f"Model: hf-hub:cliplens-test/tiny-clip, weights sha256 {sha}" in md
     for heading in ("## Zero-shot classification", "## Retrieval with class prompts", "## Case studies",
                     "### seal (2 images)", "## Low resolution", "published: linear probe top-1"):
@@ -134,9 +134,9 @@ def test_probe_cli(train_index, tiny_index, tmp_path, capsys):
 def test_probe_refuses_indexes_of_different_models(train_index, tiny_index, tmp_path, capsys):
     other = tmp_path / "other"
     shutil.copytree(tiny_index, other)
-    manifest = json.loads((other / "manifest.json").read_text())
+    manifest = json.loads((index_files(other) / "manifest.json").read_text())
     manifest["model"]["weights_sha256"] = "0" * 64
-    (other / "manifest.json").write_text(json.dumps(manifest))
+    (index_files(other) / "manifest.json").write_text(json.dumps(manifest))
     assert main(["probe", "--index-dir", str(train_index), "--eval-index-dir", str(other), "--no-zero-shot"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("cliplens: error: the train index was built with") and "same --model" in err

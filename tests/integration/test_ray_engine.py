@@ -22,7 +22,7 @@ ray = pytest.importorskip("ray")
 from cliplens.distributed import SHARDS, RayEngine, RayOptions, connect_ray  # noqa: E402
 from cliplens.embed import ArraySource  # noqa: E402
 from cliplens.errors import EngineError  # noqa: E402
-from cliplens.store import ITEMS, IndexStore, IndexWriter, read_items  # noqa: E402
+from cliplens.store import ITEMS, IndexStore, IndexWriter, index_files, read_items  # noqa: E402
 
 pytestmark = [
     pytest.mark.slow,
@@ -60,11 +60,11 @@ class FlakySource(ArraySource):
 def _embed(source, encoder, root: Path, *, identity_of: IndexStore) -> tuple[RayEngine, np.ndarray | None]:
     """Run the engine into a writer with the reference store's identity; return the embeddings written."""
     engine = RayEngine(RayOptions(shard_batches=SHARD_BATCHES))
-    writer = IndexWriter(root=root, identity=identity_of.manifest["identity"], dim=identity_of.dim)
+    writer = IndexWriter(root=root, identity=identity_of.manifest.identity, dim=identity_of.dim)
     stats = engine.embed_into(source, encoder, writer, batch_size=32, progress=False)
     assert stats.count == len(source) - stats.resumed_from
     items = {k: v for k, v in identity_of.items.items()}
-    writer.finalize(items=items, manifest={"model": identity_of.manifest["model"]})
+    writer.finalize(items=items, manifest={"model": identity_of.manifest.model})
     return engine, np.asarray(IndexStore.open(root).embeddings)
 
 
@@ -78,13 +78,13 @@ def test_cli_engine_ray_store_equals_local(tiny_index, tiny_model, cifar_root, t
     assert "indexed 200 images" in capsys.readouterr().out
     local, remote = IndexStore.open(tiny_index), IndexStore.open(out)
     assert np.array_equal(np.asarray(remote.embeddings), np.asarray(local.embeddings))  # identical, not close
-    a, b = read_items(tiny_index / ITEMS), read_items(out / ITEMS)
+    a, b = read_items(index_files(tiny_index) / ITEMS), read_items(index_files(out) / ITEMS)
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     assert np.array_equal(remote.images(), local.images())
     volatile = {"created", "stats"}
-    assert {k: v for k, v in remote.manifest.items() if k not in volatile} == \
-           {k: v for k, v in local.manifest.items() if k not in volatile}
-    assert not (out / SHARDS).exists()  # merged and cleaned up
+    assert {k: v for k, v in remote.manifest.to_json().items() if k not in volatile} == \
+           {k: v for k, v in local.manifest.to_json().items() if k not in volatile}
+    assert not list(out.rglob(SHARDS)) and not list(out.glob(".build-*"))  # merged and cleaned up
 
 
 def test_shard_that_raises_once_is_retried(tiny_index, tiny_encoder, cifar_test, tmp_path):
@@ -106,7 +106,7 @@ def test_failed_run_keeps_finished_shards_and_resumes(tiny_index, tiny_encoder, 
         _embed(source, tiny_encoder, tmp_path / "idx", identity_of=reference)
     assert "\n" not in str(info.value)
     assert "(OSError: simulated read error at row 195)" in str(info.value)  # the worker's reason, not Ray's advice
-    kept = sorted(p.name for p in (tmp_path / "idx" / SHARDS).glob("shard-*.npy"))
+    kept = sorted(p.name for p in (tmp_path / "idx").glob(f".build-*/{SHARDS}/shard-*.npy"))  # the build's scratch
     assert kept and "shard-000003.npy" not in kept  # shards 0..2 finish before the last one fails
     with pytest.raises(Exception):
         IndexStore.open(tmp_path / "idx")  # incomplete: never searchable
@@ -132,7 +132,7 @@ def _same_folder_index(ray_dir: Path, local_dir: Path) -> None:
     for column in ("id", "path", "ref", "sha256", "size", "mtime_ns", "caption"):
         assert list(ray_store.items[column]) == list(local_store.items[column]), column
     np.testing.assert_allclose(np.asarray(ray_store.embeddings), np.asarray(local_store.embeddings), rtol=0, atol=1e-6)
-    assert ray_store.manifest["folder"]["skipped"] == local_store.manifest["folder"]["skipped"]
+    assert ray_store.manifest.folder["skipped"] == local_store.manifest.folder["skipped"]
 
 
 def test_cli_folder_engine_ray_equals_local_and_stays_incremental(tiny_model, tmp_path, capsys, monkeypatch):
@@ -157,7 +157,7 @@ def test_cli_folder_engine_ray_equals_local_and_stays_incremental(tiny_model, tm
     good = len(folder_fixture.GOOD)
     assert first_ray == first_local == f"{good} added, 0 updated, 0 removed, 0 reused, 3 skipped (0 unchanged; {good}"
     _same_folder_index(remote, local)
-    skipped = {s["path"] for s in IndexStore.open(remote).manifest["folder"]["skipped"]}
+    skipped = {s["path"] for s in IndexStore.open(remote).manifest.folder["skipped"]}
     assert "truncated.png" in skipped  # its decoding failed on a Ray worker, and the driver heard of it
     assert runs[-1][0] == good + 1 and runs[-1][1].shards_computed == 1  # 10 decodable headers, one shard of 16 x 4
 
@@ -173,7 +173,7 @@ def test_cli_folder_engine_ray_equals_local_and_stays_incremental(tiny_model, tm
     assert second_ray == second_local == want
     _same_folder_index(remote, local)
     assert runs[-1][0] == 2  # only new.png and the changed e.bmp were embedded, on Ray
-    assert not (remote / "pending").exists()
+    assert not list(remote.glob(".build-*"))  # the pending vectors went with the build they were for
 
 
 def test_folder_missing_on_a_worker_fails_with_one_line(tiny_encoder, tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import shutil
@@ -19,7 +20,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 from cliplens.folder_index import FolderIndexOptions, index_folder  # noqa: E402
 from cliplens.query import Term, run_query  # noqa: E402
 from cliplens.search import Searcher  # noqa: E402
-from cliplens.store import ITEMS, IndexStore, read_items, write_items  # noqa: E402
+from cliplens.store import ITEMS, IndexStore, index_files, read_items, write_items  # noqa: E402
 from cliplens.web import EncoderService, WebLimits, create_app  # noqa: E402
 
 SECRET = "TOP-SECRET-CONTENTS"
@@ -169,7 +170,7 @@ def test_post_bad_json_and_media_types(client):
 
 
 def test_image_upload_search(client, searchers, photos_index):
-    data = (IndexStore.open(photos_index).manifest["source"]["root"] + "/a.png")
+    data = (IndexStore.open(photos_index).manifest.source.root + "/a.png")
     with open(data, "rb") as f:
         png = f.read()
     r = client.post("/api/search", files={"image": ("a.png", png, "image/png")},
@@ -245,11 +246,15 @@ def test_path_tricks_and_bad_ids_never_read_files(client, url, status):
 def test_a_tampered_index_cannot_escape_its_folder(tmp_path, photos_index, tiny_encoder):
     bad = tmp_path / "tampered"
     shutil.copytree(photos_index, bad)
-    items = read_items(bad / ITEMS)
+    files = index_files(bad)
+    items = read_items(files / ITEMS)
     items["path"] = items["path"].copy()
     items["path"][0] = "../secret.txt"
     items["path"][1] = "/etc/passwd"
-    write_items(bad / ITEMS, {k: list(v) if v.dtype == object else v for k, v in items.items()})
+    write_items(files / ITEMS, {k: list(v) if v.dtype == object else v for k, v in items.items()})
+    manifest = json.loads((files / "manifest.json").read_text())  # a careful tamperer fixes the digest too
+    manifest["files"][ITEMS]["sha256"] = hashlib.sha256((files / ITEMS).read_bytes()).hexdigest()
+    (files / "manifest.json").write_text(json.dumps(manifest))
     app = create_app({"t": Searcher(encoder=tiny_encoder, store=IndexStore.open(bad))})
     with TestClient(app, base_url="http://127.0.0.1") as c:
         for i in (0, 1):

@@ -90,9 +90,9 @@ def test_load_encoder_fast_records_the_backend_in_the_manifest(tiny_model, cifar
     assert enc.info.precision == f"fast:{backend}"
     assert fast.accelerate(enc) == backend  # idempotent: an accelerated encoder is left as it is
     manifest, _ = index_labeled(cifar_test, enc, tmp_path / "idx", batch_size=64, progress=False)
-    assert manifest["model"]["precision"] == f"fast:{backend}"
-    assert manifest["identity"]["precision"] == f"fast:{backend}"  # a resumed run must use the same path
-    assert IndexStore.open(tmp_path / "idx").manifest["model"]["precision"].startswith("fast:")
+    assert manifest.model.precision == f"fast:{backend}"
+    assert manifest.identity["precision"] == f"fast:{backend}"  # a resumed run must use the same path
+    assert IndexStore.open(tmp_path / "idx").manifest.model.precision.startswith("fast:")
 
 
 def test_auto_falls_back_when_a_backend_fails(tiny_model, monkeypatch, caplog):

@@ -14,7 +14,7 @@ from PIL import Image
 from cliplens.datasets.folder import decode_image
 from cliplens.errors import DatasetError
 from cliplens.folder_index import FolderIndexOptions, index_folder
-from cliplens.store import IndexStore
+from cliplens.store import IndexStore, index_files
 
 OPTS = FolderIndexOptions(batch_size=4, progress=False)
 
@@ -62,13 +62,13 @@ def test_first_run_counts_and_columns(photos, tmp_path, tiny_encoder, caplog):
     assert list(store.items["path"]) == sorted(folder_fixture.GOOD)
     assert list(store.items["ref"]) == list(store.items["path"])
     m = store.manifest
-    assert m["source"]["type"] == "folder" and m["source"]["root"] == str(photos.resolve())
-    assert m["folder"]["summary"]["added"] == good and len(m["folder"]["skipped"]) == 3
+    assert m.source.type == "folder" and m.source.root == str(photos.resolve())
+    assert m.folder["summary"]["added"] == good and len(m.folder["skipped"]) == 3
     assert store.items["caption"][rows["a.png"]] == "a caption for a"
     assert json.loads(store.items["meta"][rows["sub/deep/c.webp"]])["tags"] == ["x"]
     st = (photos / "e.bmp").stat()
     assert (store.items["size"][rows["e.bmp"]], store.items["mtime_ns"][rows["e.bmp"]]) == (st.st_size, st.st_mtime_ns)
-    assert not (out / "pending").exists()
+    assert not list(out.glob(".build-*")) and not list(out.rglob("*.tmp"))  # no scratch left behind
     # the stored vectors are the encoder's own for the decoded (EXIF-rotated) image
     want = tiny_encoder.encode_images([decode_image(photos / "rotated.jpg", max_pixels=10**8)])[0]
     np.testing.assert_allclose(store.embeddings[rows["rotated.jpg"]], want, atol=1e-5)
@@ -78,12 +78,13 @@ def test_first_run_counts_and_columns(photos, tmp_path, tiny_encoder, caplog):
 def test_second_run_changes_nothing_and_embeds_nothing(photos, tmp_path, tiny_encoder):
     out = tmp_path / "index"
     index_folder(photos, tiny_encoder, out, options=OPTS)
-    before = (out / "embeddings.npy").read_bytes()
+    before = (index_files(out) / "embeddings.npy").read_bytes()
+    gen = index_files(out)
     enc = CountingEncoder(tiny_encoder)
     s = index_folder(photos, enc, out, options=OPTS)
     assert enc.images == 0
     assert (s.added, s.updated, s.removed, s.reused, s.unchanged) == (0, 0, 0, 0, len(folder_fixture.GOOD))
-    assert (out / "embeddings.npy").read_bytes() == before
+    assert index_files(out) == gen and (gen / "embeddings.npy").read_bytes() == before  # not even rewritten
 
 
 def test_incremental_rename_modify_delete_add(photos, tmp_path, tiny_encoder, rng):

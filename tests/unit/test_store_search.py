@@ -11,7 +11,7 @@ import pytest
 from cliplens.errors import ModelMismatchError, QueryError, StoreError
 from cliplens.index import ExactIndex
 from cliplens.search import Searcher
-from cliplens.store import EMBEDDINGS, MANIFEST, PARTIAL, PROGRESS, IndexStore, IndexWriter
+from cliplens.store import EMBEDDINGS, MANIFEST, PARTIAL, PROGRESS, IndexStore, IndexWriter, index_files
 
 
 def _unit(rng, n, d=8):
@@ -41,8 +41,11 @@ def test_round_trip_and_memory_map(tmp_path, rng):
     store = IndexStore.open(tmp_path / "idx")
     assert isinstance(store.embeddings, np.memmap)
     np.testing.assert_array_equal(store.embeddings, vecs)
-    assert manifest["count"] == 10 and manifest["format_version"] == 1 and "created" in manifest
-    assert not (tmp_path / "idx" / PROGRESS).exists() and not (tmp_path / "idx" / PARTIAL).exists()
+    assert manifest.count == 10 and manifest.format_version == 2 and manifest.created
+    files = index_files(tmp_path / "idx")
+    assert not (files / PROGRESS).exists() and not (files / PARTIAL).exists()
+    assert sorted(p.name for p in (tmp_path / "idx").iterdir()) == ["CURRENT", "cliplens-index.json", "gen-000001",
+                                                                     "writer.lock"]  # no scratch left behind
     assert store.item(3)["ref"] == "r3"
     with pytest.raises(StoreError, match="no item 10"):
         store.item(10)
@@ -66,8 +69,8 @@ def test_resume_continues_and_matches_uninterrupted(tmp_path, rng):
     resumed = IndexWriter(root=tmp_path / "cut", identity=_identity(18), dim=8)
     assert resumed.start() == 8
     _write(tmp_path / "cut", vecs)
-    a = (tmp_path / "whole" / EMBEDDINGS).read_bytes()
-    b = (tmp_path / "cut" / EMBEDDINGS).read_bytes()
+    a = (index_files(tmp_path / "whole") / EMBEDDINGS).read_bytes()
+    b = (index_files(tmp_path / "cut") / EMBEDDINGS).read_bytes()
     assert a == b
 
 
@@ -86,12 +89,13 @@ def test_corrupt_and_foreign_folders(tmp_path, rng):
         IndexStore.open(tmp_path / "empty")
     vecs = _unit(rng, 8)
     _write(tmp_path / "idx", vecs)
-    m = json.loads((tmp_path / "idx" / MANIFEST).read_text())
+    files = index_files(tmp_path / "idx")
+    m = json.loads((files / MANIFEST).read_text())
     m["count"] = 9
-    (tmp_path / "idx" / MANIFEST).write_text(json.dumps(m))
+    (files / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(StoreError, match="corrupt"):
         IndexStore.open(tmp_path / "idx")
-    (tmp_path / "idx" / EMBEDDINGS).write_bytes(b"not numpy")
+    (files / EMBEDDINGS).write_bytes(b"not numpy")
     with pytest.raises(StoreError, match="corrupt"):
         IndexStore.open(tmp_path / "idx")
 
@@ -150,8 +154,8 @@ def test_searcher_on_real_index(tiny_index, tiny_encoder):
 def test_searcher_refuses_another_model(tiny_index, tiny_encoder, tmp_path):
     copy = tmp_path / "idx"
     shutil.copytree(tiny_index, copy)
-    m = json.loads((copy / MANIFEST).read_text())
+    m = json.loads((index_files(copy) / MANIFEST).read_text())
     m["model"]["weights_sha256"] = "0" * 64
-    (copy / MANIFEST).write_text(json.dumps(m))
+    (index_files(copy) / MANIFEST).write_text(json.dumps(m))
     with pytest.raises(ModelMismatchError, match="was built with .* not "):
         Searcher(encoder=tiny_encoder, store=IndexStore.open(copy))

@@ -36,23 +36,24 @@ def add_model_flags(p: argparse.ArgumentParser, *, for_query: bool = False) -> N
                         "text tower in ONNX Runtime where available (mean cosine >= 0.999; docs/performance.md)")
 
 
-def model_choice(args, manifest: dict | None = None) -> tuple[str, str, Path | None]:
-    """(model name, pretrained tag, weights file) from the flags, falling back to the model an index was built with."""
+def model_choice(args, manifest=None) -> tuple[str, str, Path | None]:
+    """(model name, pretrained tag, weights file) from the flags, falling back to the model an index was built
+    with (a ``Manifest``)."""
     from cliplens.encoder import DEFAULT_MODEL, DEFAULT_PRETRAINED
 
-    built = (manifest or {}).get("model", {})
-    name = args.model or built.get("name") or DEFAULT_MODEL
+    built = manifest.model if manifest is not None else None
+    name = args.model or (built.name if built else None) or DEFAULT_MODEL
     weights = args.weights
-    if (weights is None and args.pretrained is None and not args.model and built and not built.get("pretrained")
+    if (weights is None and args.pretrained is None and not args.model and built and not built.pretrained
             and ":" not in name):
-        weights = built.get("weights_path")  # the index was built from a file: use that file again
+        weights = built.weights_path  # the index was built from a file: use that file again
         if weights is None:
             raise CliplensError("this index was built with random weights; pass --weights or --pretrained")
-    pretrained = args.pretrained or (built.get("pretrained") if not args.model else None) or DEFAULT_PRETRAINED
+    pretrained = args.pretrained or (built.pretrained if built and not args.model else None) or DEFAULT_PRETRAINED
     return name, pretrained, weights
 
 
-def load_model(args, manifest: dict | None = None):
+def load_model(args, manifest=None):
     """Build the encoder from flags, falling back to the model an index was built with."""
     from cliplens.encoder import load_encoder
 
@@ -169,7 +170,7 @@ def cmd_index(args) -> int:
         return code
     index_dir, _, manifest, stats = index_cifar(args, source.replace("-", ""), embed_fn=embed_fn)
     if stats.count == 0:
-        print(f"{index_dir}: already complete ({manifest['count']} images), nothing to do")
+        print(f"{index_dir}: already complete ({manifest.count} images), nothing to do")
     else:
         resumed = f", resumed at {stats.resumed_from}" if stats.resumed_from else ""
         print(f"indexed {stats.count} images in {stats.seconds:.1f} s ({stats.images_per_second:.1f} img/s{resumed}) "
@@ -269,9 +270,8 @@ def _prepare_text_only(encoder) -> None:
 
 
 def format_result(result, searcher, *, backend: str = "exact") -> str:
-    m = searcher.store.manifest["model"]
     lines = [f'query "{printable(result.query)}" -> prompt "{printable(result.prompt)}"  '
-             f"({model_label(m)}, {len(searcher.store)} images, {backend} search)"]
+             f"({searcher.store.manifest.model.short_label()}, {len(searcher.store)} images, {backend} search)"]
     labelled = searcher.store.has_labels
     header = f"{'rank':>4}  {'score':>7}  {'id':>6}  " + (f"{'label':<22}{'superclass'}" if labelled else "ref")
     lines.append(header)
@@ -282,12 +282,6 @@ def format_result(result, searcher, *, backend: str = "exact") -> str:
     if result.precision_at_k is not None:
         lines.append(f'precision@{len(result.hits)} for class "{result.query_class}": {result.precision_at_k:.2f}')
     return "\n".join(lines)
-
-
-def model_label(model: dict) -> str:
-    if model.get("pretrained"):
-        return f"{model['name']}/{model['pretrained']}"
-    return model["name"] if ":" in model["name"] else f"{model['name']} ({model.get('weights_path')})"
 
 
 def save_result_grid(searcher, result, path) -> Path:
@@ -312,32 +306,33 @@ def save_result_grid(searcher, result, path) -> Path:
 def cmd_info(args) -> int:
     from cliplens.store import IndexStore
 
-    store = IndexStore.open(args.index_dir or default_index_dir())
+    store = IndexStore.open(args.index_dir or default_index_dir(), check=getattr(args, "check", False))
     m = store.manifest
     if args.json:
-        print(json.dumps(m, indent=2))
+        print(json.dumps(m.to_json(), indent=2))
         return 0
-    model = m["model"]
-    src = m.get("source", {})
-    fp = src.get("fingerprint", {})
+    src = m.source
+    fp = src.fingerprint if src else {}
     rows = [
-        ("index", str(store.root)),
-        ("items", f"{m['count']} x {m['embedding_dim']} {m['dtype']}"),
-        ("source", f"{src.get('name')} {src.get('split') or ''}".strip()),
-        ("root", src.get("root")) if src.get("type") == "folder" else
+        ("index", str(store.root) + (f" ({store.generation})" if store.generation else " (format 1)")),
+        ("items", f"{m.count} x {m.embedding_dim} {m.dtype}"),
+        ("source", f"{src.name if src else None} {(src.split if src else None) or ''}".strip()),
+        ("root", src.root) if src and src.type in ("folder", "list") else
         ("verified", "official checksums" if fp.get("verified") else "not verified (--no-verify)"),
-        ("model", model_label(model)),
-        ("weights sha256", model.get("weights_sha256") or "none (random weights)"),
-        ("preprocess", m.get("preprocess", "")),
+        ("model", m.model.short_label()),
+        ("weights sha256", m.model.weights_sha256 or "none (random weights)"),
+        ("preprocess", m.preprocess),
         ("classes", f"{len(store.class_names)} classes, {len(store.superclass_names)} superclasses"
          if store.has_labels else "no labels"),
-        ("created", f"{m['created']} by cliplens {m['cliplens_version']}"),
+        ("created", f"{m.created} by cliplens {m.cliplens_version}"),
     ]
     if fp.get("archive_md5"):
         rows.append(("archive md5", fp["archive_md5"]))
     for name, digest in sorted((fp.get("files") or {}).items()):
         rows.append((name.rsplit("/", 1)[-1] + " sha256", f"{digest.get('sha256')} (md5 {digest.get('md5')})"))
-    stats = m.get("stats")
+    if getattr(args, "check", False):
+        rows.append(("check", "every vector finite, items and thumbnails match the manifest"))
+    stats = m.stats
     if stats:
         batch = f" (batch {stats['batch_size']})" if stats.get("batch_size") else ""
         rows.append(("speed", f"{stats['images_per_second']} img/s{batch}"))
@@ -434,6 +429,7 @@ def register(sub) -> None:
     p = sub.add_parser("info", help="describe an index", description="Show what an index holds and how it was built.")
     p.add_argument("--index-dir", type=Path, default=None, help=INDEX_DIR_HELP)
     p.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    p.add_argument("--check", action="store_true", help="check every vector (not a sample) and every file")
     p.set_defaults(handler=cmd_info)
 
     p = sub.add_parser("demo", help="the main job: index CIFAR-100 test and run the four case studies",

@@ -83,11 +83,9 @@ def _map_section(store):
 
 
 def summary(report, ks) -> str:
-    from cliplens.report import model_label
-
-    m = report.manifest["model"]
-    lines = [f"{report.manifest['count']} images, {len(report.class_names)} classes; model {model_label(m)} "
-             f"(weights sha256 {(m.get('weights_sha256') or 'none')[:12]})", "",
+    m = report.manifest.model
+    lines = [f"{report.manifest.count} images, {len(report.class_names)} classes; model {m.short_label()} "
+             f"(weights sha256 {(m.weights_sha256 or 'none')[:12]})", "",
              f"{'zero-shot':<14}{'T':>3}  {'names':<8}{'ensembling':<17}{'top-1':>7}{'top-5':>7}{'recall':>8}{'in-super':>9}"]
     for z in report.zero_shot:
         lines.append(f"{z['templates'][:14]:<14}{z['num_templates']:>3}  {z['classnames']:<8}{z['ensemble']:<17}"
@@ -150,7 +148,7 @@ def cmd_probe(args) -> int:
     result = linear_probe(np.asarray(train.embeddings), train.labels, np.asarray(test.embeddings), test.labels,
                           num_classes=len(names), config=config)
     out = {"probe": result, "train_index": str(train.root), "test_index": str(test.root),
-           "train_embedding": train.manifest.get("stats"), "model": train.manifest["model"]}
+           "train_embedding": train.manifest.stats, "model": dict(train.manifest.model.__dict__)}
     zs = None
     if not args.no_zero_shot:
         encoder = load_model(args, test.manifest)
@@ -179,14 +177,14 @@ def _per_class(pred, labels, num_classes):
     return per_class_recall(pred, labels, num_classes)
 
 
-def probe_summary(out: dict, train_manifest: dict) -> str:
+def probe_summary(out: dict, train_manifest) -> str:
     r = out["probe"]
     stats = out.get("train_embedding") or {}
     lines = []
     if stats:
         resumed = (f" (this run resumed at image {stats['resumed_from']}: earlier runs not counted)"
                    if stats.get("resumed_from") else "")
-        lines.append(f"train embeddings: {train_manifest['count']} images embedded in {stats['seconds']:.1f} s "
+        lines.append(f"train embeddings: {train_manifest.count} images embedded in {stats['seconds']:.1f} s "
                      f"({stats['images_per_second']} img/s){resumed}")
     sweep = ", ".join(f"C={s['C']:g}: {_pct(s['val_top1'])} ({s['iterations']} it.)" for s in r["sweep"])
     lines += [f"C sweep on {r['num_val']} validation images carved from train: {sweep}",

@@ -77,8 +77,8 @@ def build_searchers(args) -> dict:
     encoders: dict[tuple, object] = {}
     searchers = {}
     for name, store, index in zip(_unique_names(dirs), stores, indexes):
-        m = store.manifest["model"]
-        key = (m["name"], m.get("weights_sha256"), args.model, args.pretrained, str(args.weights))
+        m = store.manifest.model
+        key = (m.name, m.weights_sha256, args.model, args.pretrained, str(args.weights))
         if key not in encoders:
             encoders[key] = serve_encoder(args, store.manifest)
         searchers[name] = Searcher(encoder=encoders[key], store=store, index=index)

@@ -101,8 +101,7 @@ class ExactBackend(ExactIndex):
 def store_key(store) -> str:
     """A fingerprint of one finished store: a backend built for another store (or an older build) is refused."""
     m = store.manifest
-    ident = {"identity": m.get("identity"), "created": m.get("created"), "count": m.get("count"),
-             "dim": m.get("embedding_dim")}
+    ident = {"identity": m.identity, "created": m.created, "count": m.count, "dim": m.embedding_dim}
     return hashlib.sha256(json.dumps(ident, sort_keys=True, default=str).encode()).hexdigest()
 
 

@@ -63,20 +63,20 @@ def item_image(store, item_id: int, size: int) -> tuple[bytes, str]:
         scale = max(1, size // max(tile.shape[:2]))
         big = tile.repeat(scale, axis=0).repeat(scale, axis=1)  # nearest-neighbour enlargement
         return _encode(Image.fromarray(big), "PNG")
-    source = store.manifest.get("source", {})
-    if source.get("type") != "folder" or "path" not in store.items:
+    source = store.manifest.source
+    if source is None or source.type not in ("folder", "list") or "path" not in store.items:
         raise ImageNotAvailable(f"index {store.root.name} stores no images to show")
     rel = str(store.items["path"][item_id])
     try:
-        path = safe_join(source["root"], rel)
+        path = safe_join(source.root, rel)
     except DatasetError as exc:
         raise ImageNotAvailable(str(exc)) from None
     if not path.is_file():
         raise ImageNotAvailable(f"the image file of item {item_id} is gone; run `cliplens index` on the folder again")
-    max_pixels = int(float(source.get("max_megapixels") or DEFAULT_MAX_MEGAPIXELS) * 1_000_000)
+    max_pixels = int(float(source.options.get("max_megapixels") or DEFAULT_MAX_MEGAPIXELS) * 1_000_000)
     with _DECODES:  # at most this many images decoding at once, whatever the number of requests
         try:
-            with open_regular(path, root=source["root"]) as f:
+            with open_regular(path, root=source.root) as f:
                 # JPEGs decode at a reduced DCT scale, never full size: twice the thumbnail keeps LANCZOS sharp
                 im = decode_image(f, max_pixels=max_pixels, reduce_to=2 * size)
         except ImageSkipped as exc:

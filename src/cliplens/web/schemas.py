@@ -140,19 +140,19 @@ def _inline_defs(schema: dict) -> dict:
 
 def describe_index(name: str, store) -> dict:
     m = store.manifest
-    source = m.get("source", {})
+    source = m.source
     return {
         "name": name,
         "count": len(store),
         "dim": store.dim,
-        "model": m["model"]["name"],
-        "pretrained": m["model"].get("pretrained"),
-        "source": source.get("type") or source.get("name"),
-        "split": source.get("split"),
+        "model": m.model.name,
+        "pretrained": m.model.pretrained,
+        "source": (source.type or source.name) if source else None,
+        "split": source.split if source else None,
         "has_labels": store.has_labels,
         "classes": [c.replace("_", " ") for c in store.class_names],
         "superclasses": [c.replace("_", " ") for c in store.superclass_names],
-        "has_images": store.images() is not None or source.get("type") == "folder",
+        "has_images": store.images() is not None or (source is not None and source.type in ("folder", "list")),
     }
 
 
