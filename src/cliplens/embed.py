@@ -166,8 +166,6 @@ def index_labeled(data, encoder, index_dir: str | Path, *, batch_size: int | Non
     ``embed_fn`` replaces :func:`embed_into` (same signature), e.g. ``RayEngine(...).embed_into`` to embed on Ray.
     """
     info = encoder.info
-    if batch_size is None:
-        batch_size = choose_batch_size(encoder)
     identity = {
         "model": info.name,
         "pretrained": info.pretrained,
@@ -181,6 +179,15 @@ def index_labeled(data, encoder, index_dir: str | Path, *, batch_size: int | Non
         "dtype": dtype,
         "batch_size": batch_size,  # batch shapes fix the float results: resuming must reuse them
     }
+    if batch_size is None:  # the automatic size: the finished index's own, if it is otherwise this one (no probe)
+        from cliplens.store import read_current_manifest
+
+        current = read_current_manifest(index_dir)
+        if current is not None and {**current.identity, "batch_size": None} == json.loads(json.dumps(identity)):
+            identity["batch_size"] = current.identity["batch_size"]
+        else:
+            identity["batch_size"] = choose_batch_size(encoder)
+        batch_size = identity["batch_size"]
     writer = IndexWriter(root=Path(index_dir), identity=identity, dim=info.embed_dim,
                          reserve_bytes=data.images.nbytes if store_images else 0)
     existing = writer.complete_identity()

@@ -68,6 +68,12 @@ def is_cliplens_folder(root: Path) -> bool:
     return any((root / name).exists() for name in (MARKER, CURRENT, "manifest.json", "progress.json"))
 
 
+def holds_index(folder: Path) -> bool:
+    """True for an index folder (for the walk of a photo folder, which never indexes an index inside it)."""
+    return ((folder / MARKER).is_file() or (folder / CURRENT).is_file()
+            or ((folder / "manifest.json").is_file() and (folder / "embeddings.npy").is_file()))
+
+
 def builds(root: Path) -> list[Path]:
     """Scratch folders of builds in progress (or killed), oldest first."""
     found = [p for p in root.glob(BUILD_PREFIX + "*") if (p / SCRATCH_META).is_file()]
@@ -127,6 +133,7 @@ class WriterLock:
             held = json.loads(self._file.read() or "{}")
         except ValueError:
             held = {}
+        held = held if isinstance(held, dict) else {}
         self._file.close()
         raise IndexBusyError(root, held.get("pid"), held.get("since")) from None
 

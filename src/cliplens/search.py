@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from cliplens.errors import QueryError
+from cliplens.errors import CliplensError, QueryError
 from cliplens.index import ExactIndex, VectorIndex
 from cliplens.prompts import match_class, wrap_query
 from cliplens.store import IndexStore
+
+log = logging.getLogger(__name__)
 
 DEFAULT_TEMPLATE = "a photo of a {}."
 
@@ -52,8 +55,24 @@ class Searcher:
             store.check_model(encoder.info)
         self.encoder = encoder
         self.store = store
+        self._exact = index is None
         self.index = index if index is not None else ExactIndex(store.embeddings)
         self._english = tuple(n.replace("_", " ") for n in store.class_names)
+
+    def refreshed(self) -> "Searcher":
+        """This searcher, or one over the index folder's newer generation once one is complete.
+
+        Only for the default exact index: a FAISS or Milvus backend was built for one generation and is rebuilt
+        with ``cliplens build-index``, so a searcher using one stays on the generation it was built for.
+        """
+        store = self.store.refreshed()
+        if store is self.store or not self._exact:
+            return self
+        try:
+            return Searcher(encoder=self.encoder, store=store)
+        except CliplensError as exc:  # e.g. rebuilt with another model: keep answering from the old one
+            log.warning("staying on generation %s of %s (%s)", self.store.generation, self.store.root, exc)
+            return self
 
     def search(self, text: str, k: int = 10, *, template: str = DEFAULT_TEMPLATE, raw: bool = False,
                allowed: np.ndarray | None = None, min_score: float | None = None) -> SearchResult:

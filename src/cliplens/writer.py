@@ -160,7 +160,7 @@ class IndexWriter:
             log.warning("restarting the unfinished build in %s (its progress file is unreadable)", self.scratch)
         need = self._vectors.nbytes + self.count * _ITEM_BYTES + self.reserve_bytes
         try:
-            check_space(self.scratch, need)
+            check_space(self.root, need)
             with space_errors(self.root, need):
                 self._vectors.create()
                 self.checkpoint(0)

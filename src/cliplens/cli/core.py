@@ -99,7 +99,7 @@ def index_cifar(args, source: str, *, embed_fn=None):
     done = labeled_complete(index_dir, data, args) if embed_fn is None else None  # before any model loads
     if done is not None:
         return index_dir, None, done, EmbedStats(count=0, resumed_from=done["count"], seconds=0.0)
-    encoder = load_model(args)
+    encoder = lazy_model(args, index_dir)  # loads only if something must be embedded
     try:
         manifest, stats = index_labeled(data, encoder, index_dir, batch_size=args.batch_size,
                                         dtype=getattr(args, "dtype", "float32"),
@@ -109,6 +109,19 @@ def index_cifar(args, source: str, *, embed_fn=None):
     except IndexExistsError as exc:
         raise CliplensError(f"{exc}: pass --rebuild to replace it, or give another --index-dir") from None
     return index_dir, encoder, manifest, stats
+def lazy_model(args, index_dir):
+    """The encoder the flags ask for, loaded only when something must be embedded: when the index in
+    ``index_dir`` records that same model, its identity comes from the manifest (see cliplens.indexing.lazy)."""
+    from cliplens.encoder import DEFAULT_MODEL, DEFAULT_PRETRAINED
+    from cliplens.indexing.lazy import LazyEncoder, same_request
+    from cliplens.store import read_current_manifest
+
+    current = read_current_manifest(index_dir)
+    name = args.model or DEFAULT_MODEL
+    pretrained = None if args.weights else (args.pretrained or DEFAULT_PRETRAINED)
+    known = current is not None and same_request(current.model, name=name, pretrained=pretrained,
+                                                 weights=args.weights, precision=getattr(args, "precision", "exact"))
+    return LazyEncoder(lambda: load_model(args), info=current.model if known else None)
 
 
 def positive_int(text: str) -> int:
@@ -162,8 +175,6 @@ def cmd_index(args) -> int:
                  if is_folder else cifar_index_dir(args, source.replace("-", "")))
     check_index_kind(index_dir, folder=is_folder, force=args.force)
     if is_folder:  # an image folder: incremental indexing
-        from cliplens.cli.web import cmd_index_folder
-
         code = cmd_index_folder(args, embed_fn=embed_fn)
         root = Path(args.source).expanduser().resolve()
         build_after_index(args, args.index_dir or default_index_dir(f"folder-{root.name or 'root'}"))
@@ -176,6 +187,33 @@ def cmd_index(args) -> int:
         print(f"indexed {stats.count} images in {stats.seconds:.1f} s ({stats.images_per_second:.1f} img/s{resumed}) "
               f"-> {index_dir}")
     build_after_index(args, index_dir)
+    return 0
+
+
+def cmd_index_folder(args, *, embed_fn=None) -> int:
+    """``cliplens index PATH`` when PATH is a folder: incremental, prints one summary line.
+
+    ``embed_fn``: the engine that embeds new and changed images (None: local; see ``cli.scale.engine_embed_fn``).
+    """
+    from cliplens.errors import IndexExistsError
+    from cliplens.folder_index import FolderIndexOptions, index_folder
+    from cliplens.uptodate import folder_unchanged
+
+    root = Path(args.source).expanduser()
+    if args.max_megapixels <= 0:
+        raise CliplensError(f"--max-megapixels must be positive, got {args.max_megapixels}")
+    index_dir = args.index_dir or default_index_dir(f"folder-{root.resolve().name or 'root'}")
+    options = FolderIndexOptions(exclude=tuple(args.exclude), include_hidden=args.include_hidden,
+                                 max_megapixels=args.max_megapixels, batch_size=args.batch_size, dtype=args.dtype,
+                                 progress=not args.quiet, rebuild=args.rebuild,
+                                 replace_other=getattr(args, "force", False))
+    summary = folder_unchanged(root, index_dir, args)  # nothing changed: no model loads, no items read
+    try:
+        if summary is None:
+            summary = index_folder(root, lazy_model(args, index_dir), index_dir, options=options, embed_fn=embed_fn)
+    except IndexExistsError as exc:
+        raise CliplensError(f"{exc}: pass --rebuild to re-embed it, or give another --index-dir") from None
+    print(f"{root}: {summary.line()}")
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Your own images in a browser: ``cliplens index FOLDER`` (through core's ``index``) and ``cliplens serve``."""
+"""Your own images in a browser: ``cliplens serve`` (indexing a folder is ``cliplens index FOLDER``, in core)."""
 
 from __future__ import annotations
 
@@ -7,40 +7,9 @@ import logging
 from pathlib import Path
 
 from cliplens._safe import printable
-from cliplens.errors import CliplensError, IndexExistsError
+from cliplens.errors import CliplensError
 
 log = logging.getLogger(__name__)
-
-
-# --------------------------------------------------------------------------- index FOLDER
-
-
-def cmd_index_folder(args, *, embed_fn=None) -> int:
-    """``cliplens index PATH`` when PATH is a folder: incremental, prints one summary line.
-
-    ``embed_fn``: the engine that embeds new and changed images (None: local; see ``cli.scale.engine_embed_fn``).
-    """
-    from cliplens.cli.core import default_index_dir, load_model
-    from cliplens.folder_index import FolderIndexOptions, index_folder
-
-    root = Path(args.source).expanduser()
-    if args.max_megapixels <= 0:
-        raise CliplensError(f"--max-megapixels must be positive, got {args.max_megapixels}")
-    index_dir = args.index_dir or default_index_dir(f"folder-{root.resolve().name or 'root'}")
-    options = FolderIndexOptions(exclude=tuple(args.exclude), include_hidden=args.include_hidden,
-                                 max_megapixels=args.max_megapixels, batch_size=args.batch_size, dtype=args.dtype,
-                                 progress=not args.quiet, rebuild=args.rebuild,
-                                 replace_other=getattr(args, "force", False))
-    from cliplens.uptodate import folder_unchanged
-
-    summary = folder_unchanged(root, index_dir, args)  # nothing changed: no model loads
-    try:
-        if summary is None:
-            summary = index_folder(root, load_model(args), index_dir, options=options, embed_fn=embed_fn)
-    except IndexExistsError as exc:
-        raise CliplensError(f"{exc}: pass --rebuild to re-embed it, or give another --index-dir") from None
-    print(f"{root}: {summary.line()}")
-    return 0
 
 
 # --------------------------------------------------------------------------- serve

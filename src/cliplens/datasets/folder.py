@@ -70,10 +70,12 @@ def walk_folder(root: str | Path, *, exclude: Iterable[str] = (), include_hidden
     Hidden files and folders (names starting with ".") are skipped unless ``include_hidden``; ``exclude``
     globs are matched against the relative path and the file or folder name. Symbolic links to folders are
     not followed; a linked file is kept only when it resolves to a file inside ``root``, so an index never
-    points outside the folder it was built from. Image files that cannot be used (a link loop, a link out of
-    the folder, a name that is not valid UTF-8, a file gone before its ``stat``) are appended to ``skipped``
-    as (printable relative path, reason) when a list is given.
+    points outside the folder it was built from. A cliplens index folder inside ``root`` is never walked. Image
+    files that cannot be used (a link loop, a link out of the folder, a name that is not valid UTF-8, a file gone
+    before its ``stat``) are appended to ``skipped`` as (printable relative path, reason) when a list is given.
     """
+    from cliplens.layout import holds_index
+
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetError(f"{root} is not a folder: pass the folder of images to index")
@@ -90,6 +92,7 @@ def walk_folder(root: str | Path, *, exclude: Iterable[str] = (), include_hidden
         dirnames[:] = sorted(
             d for d in dirnames
             if (include_hidden or not d.startswith(".")) and not _excluded(rel_dir + d, d, patterns)
+            and not holds_index(Path(dirpath) / d)
         )
         for name in filenames:
             if not include_hidden and name.startswith("."):

@@ -61,6 +61,7 @@ def create_app(indexes: Mapping[str, object], *, limits: WebLimits = WebLimits()
     """
     if not indexes:
         raise CliplensError("no index to serve: pass --index-dir")
+    indexes = dict(indexes)  # name -> the searcher of the index's newest complete generation (see searcher_for)
     names = list(indexes)
     services: dict[int, EncoderService] = {}
     for searcher in indexes.values():
@@ -120,10 +121,13 @@ def create_app(indexes: Mapping[str, object], *, limits: WebLimits = WebLimits()
     # ------------------------------------------------------------------ helpers
     def searcher_for(name: str | None):
         if name is None or name == "":
-            return names[0], indexes[names[0]]
+            name = names[0]
         if name not in indexes:
             raise ApiError(404, f"no index named {name!r}; GET /api/indexes lists them")
-        return name, indexes[name]
+        searcher = indexes[name]
+        if hasattr(searcher, "refreshed"):  # a re-index finished: answer from its generation from now on
+            searcher = indexes[name] = searcher.refreshed()
+        return name, searcher
 
     def check_item(searcher, item_id: int) -> None:
         n = len(searcher.store)
@@ -216,7 +220,7 @@ def create_app(indexes: Mapping[str, object], *, limits: WebLimits = WebLimits()
         name, searcher = searcher_for(index)
         check_item(searcher, item_id)
         size = next(s for s in THUMB_SIZES if s >= size)  # a few sizes only, so the cache stays useful
-        key = (name, item_id, size)
+        key = (name, getattr(searcher.store, "generation", ""), item_id, size)
         hit = thumbs.get(key)
         if hit is None:
             try:
