@@ -34,9 +34,7 @@ from cliplens.datasets.folder import (
     ImageSkipped,
     allow_pixels,
     probe_image,
-    read_sidecar,
     sha256_file,
-    walk_folder,
 )
 from cliplens.embed import choose_batch_size, embed_into
 from cliplens.errors import DatasetError, IndexExistsError, StoreError
@@ -133,8 +131,9 @@ class _Plan:
     skipped: list = field(default_factory=list)  # (rel, reason)
 
 
-def _previous(index_dir: Path, info, replace_other: bool = False, *, dtype: str = "float32", rebuild: bool = False):
-    """The existing folder index in ``index_dir`` if its vectors can be reused with this model, else None."""
+def _previous(index_dir: Path, info, kind: str = "folder", replace_other: bool = False, *, dtype: str = "float32",
+              rebuild: bool = False):
+    """The existing index of this kind in ``index_dir`` if its vectors can be reused with this model, else None."""
     if read_current_manifest(index_dir) is None:
         return None
     try:
@@ -143,10 +142,10 @@ def _previous(index_dir: Path, info, replace_other: bool = False, *, dtype: str 
         log.warning("ignoring the unreadable index in %s (%s); re-embedding everything", index_dir, exc)
         return None
     source = store.manifest.source
-    if source is None or source.type != "folder":
+    if source is None or source.type != kind:
         if replace_other:
             return None
-        raise DatasetError(f"{index_dir} holds a {source.name if source else 'non-folder'} index, not a folder "
+        raise DatasetError(f"{index_dir} holds a {source.name if source else 'data set'} index, not a {kind} "
                            "index: choose another index folder")
     built = store.manifest.model
     changed = [word for word, same in (("model", built.name == info.name),
@@ -215,24 +214,32 @@ def index_folder(root: str | Path, encoder, index_dir: str | Path, *,
     ``embed_fn`` replaces :func:`cliplens.embed.embed_into` for the new and changed images (same signature), e.g.
     ``RayEngine(...).embed_into``; which images are embedded, reused or removed does not depend on it.
     """
-    root = Path(root).expanduser().resolve()
+    from cliplens.indexing.listings import FolderListing
+
+    listing = FolderListing(root, exclude=tuple(options.exclude), include_hidden=options.include_hidden)
+    return index_files(listing, encoder, index_dir, options=options, embed_fn=embed_fn)
+
+
+def index_files(listing, encoder, index_dir: str | Path, *, options: FolderIndexOptions = FolderIndexOptions(),
+                embed_fn: Callable | None = None, reuse: bool = True) -> FolderIndexSummary:
+    """Bring ``index_dir`` up to date with the files of ``listing`` (a folder, an image list: see
+    :mod:`cliplens.indexing.listings`), incrementally; see the module docstring. ``reuse=False`` embeds every
+    file again (no vector is taken from the index there)."""
     index_dir = Path(index_dir).expanduser()
-    info = encoder.info
     allow_pixels(options.max_pixels)
-    unusable: list[tuple[str, str]] = []  # link loops, links out, names that are not UTF-8: counted as skipped
-    files = walk_folder(root, exclude=options.exclude, include_hidden=options.include_hidden, skipped=unusable)
     folder = IndexFolder.claim(index_dir)  # refuses a folder that is not an index; one writer at a time
     try:
-        return _index_folder(root, files, unusable, encoder, index_dir, folder, options, embed_fn)
+        return _index_files(listing, encoder, index_dir, folder, options, embed_fn, reuse)
     finally:
         folder.release()
 
 
-def _index_folder(root: Path, files, unusable, encoder, index_dir: Path, folder: IndexFolder, options, embed_fn):
-    info = encoder.info
-    prev = _previous(index_dir, info, options.replace_other, dtype=options.dtype, rebuild=options.rebuild)
+def _index_files(listing, encoder, index_dir: Path, folder: IndexFolder, options, embed_fn, reuse: bool):
+    info, root, files = encoder.info, listing.root, listing.files
+    prev = (_previous(index_dir, info, listing.kind, options.replace_other, dtype=options.dtype,
+                      rebuild=options.rebuild) if reuse else None)
     plan = _plan(root, files, prev, options)
-    plan.skipped += unusable
+    plan.skipped[:0] = listing.refused
 
     # ---- embed what is new, resumably, in index_dir/pending
     t0 = time.perf_counter()
@@ -262,8 +269,8 @@ def _index_folder(root: Path, files, unusable, encoder, index_dir: Path, folder:
             continue
         counts[how] += 1
     if not rows:
-        raise DatasetError(f"no usable images under {root} ({len(files)} image files found, {len(plan.skipped)} "
-                           "skipped): check the path, --exclude and --include-hidden")
+        raise DatasetError(f"no usable images {listing.describe()} ({len(files)} image files found, "
+                           f"{len(plan.skipped)} skipped): check the path and the exclusions")
     present = {f.rel for f in files}
     moved = {sha for how, sha, _ in plan.keep.values() if how == "reused"}
     removed = 0 if prev is None else sum(1 for rel, sha in zip(prev.items["path"], prev.items["sha256"])
@@ -273,17 +280,19 @@ def _index_folder(root: Path, files, unusable, encoder, index_dir: Path, folder:
                                  embedded_seconds=embedded_seconds, **counts)
     prev_emb = prev.embeddings if prev is not None else None
     del prev  # the old embeddings file is replaced when the new index is written
-    _write_index(folder, root, info, rows, prev_emb, new_vectors, files, summary, options)
+    _write_index(folder, listing, info, rows, prev_emb, new_vectors, files, summary, options)
     return summary
 
 
-def _write_index(folder: IndexFolder, root: Path, info, rows, prev_emb, new_vectors, files, summary,
+def _write_index(folder: IndexFolder, listing, info, rows, prev_emb, new_vectors, files, summary,
                  options) -> None:
-    captions = [read_sidecar(root / f.rel, root=root) for f, *_ in rows]
-    listing = [[f.rel, f.size, f.mtime_ns, sha, cap, meta] for (f, sha, _, _), (cap, meta) in zip(rows, captions)]
-    fingerprint = hashlib.sha256(json.dumps(listing, ensure_ascii=False).encode()).hexdigest()
+    root, rels = listing.root, [f.rel for f, *_ in rows]
+    columns = listing.columns(rels)
+    class_names = listing.class_names(rels)
+    per_row = [[f.rel, f.size, f.mtime_ns, sha] for f, sha, _, _ in rows]
+    fingerprint = hashlib.sha256(json.dumps([per_row, columns, class_names], ensure_ascii=False).encode()).hexdigest()
     identity = {"model": info.name, "pretrained": info.pretrained, "weights_sha256": info.weights_sha256,
-                "precision": info.precision, "source": "folder", "root": str(root), "count": len(rows),
+                "precision": info.precision, "source": listing.kind, "root": str(root), "count": len(rows),
                 "fingerprint": fingerprint, "dtype": options.dtype}
     writer = IndexWriter(root=folder.root, identity=identity, dim=info.embed_dim, folder=folder)
     if writer.is_complete():  # same files, same captions, same model: nothing to write
@@ -303,8 +312,7 @@ def _write_index(folder: IndexFolder, root: Path, info, rows, prev_emb, new_vect
         "mtime_ns": np.array([f.mtime_ns for f, *_ in rows], np.int64),
         "size": np.array([f.size for f, *_ in rows], np.int64),
         "sha256": [sha for _, sha, _, _ in rows],
-        "caption": [c for c, _ in captions],
-        "meta": [m for _, m in captions],
+        **columns,
     }
     by_file = {f.rel: f for f in files}
     n_new = summary.added + summary.updated
@@ -312,10 +320,9 @@ def _write_index(folder: IndexFolder, root: Path, info, rows, prev_emb, new_vect
     manifest = {
         "model": dict(info.__dict__),
         "preprocess": info.preprocess,
-        "source": {"type": "folder", "name": "folder", "root": str(root), "exclude": list(options.exclude),
-                   "include_hidden": options.include_hidden, "max_megapixels": options.max_megapixels,
+        "source": {**listing.source(), "max_megapixels": options.max_megapixels,
                    "fingerprint": {"verified": None, "sha256": fingerprint}},
-        "class_names": None,
+        "class_names": list(class_names) if class_names else None,
         "superclass_names": None,
         "fine_to_coarse": None,
         "folder": {"summary": {k: v for k, v in summary.to_json().items() if k != "skipped_files"},

@@ -85,30 +85,31 @@ def cifar_index_dir(args, source: str) -> Path:
     return default_index_dir(f"{source}-{args.split}")
 
 
-def index_cifar(args, source: str, *, embed_fn=None):
-    """Load the split and index it (refusing to replace a complete index of other settings unless --rebuild)."""
-    from cliplens.datasets import load_cifar
-    from cliplens.embed import EmbedStats, index_labeled
+def index_cifar(args, source: str, *, engine=None):
+    """Load the split and index it through :func:`cliplens.indexing.index_source` (refusing to replace a complete
+    index of other settings unless --rebuild). (index_dir, the encoder or None, IndexResult)."""
     from cliplens.errors import IndexExistsError
+    from cliplens.indexing import IndexOptions, IndexResult, index_source, open_source
     from cliplens.uptodate import labeled_complete
 
     index_dir = cifar_index_dir(args, source)
     check_cifar_inputs(args, source)
-    data = load_cifar(source, args.split, data_dir=args.data_dir, verify=not args.no_verify, limit=args.limit,
-                      progress=not args.quiet)
-    done = labeled_complete(index_dir, data, args) if embed_fn is None else None  # before any model loads
+    data = open_source(source, split=args.split, data_dir=args.data_dir, verify=not args.no_verify,
+                       limit=args.limit, progress=not args.quiet)
+    done = labeled_complete(index_dir, data, args) if engine is None else None  # before any model loads
     if done is not None:
-        return index_dir, None, done, EmbedStats(count=0, resumed_from=done["count"], seconds=0.0)
+        return index_dir, None, IndexResult(done, 0, resumed_from=done.count)
     encoder = lazy_model(args, index_dir)  # loads only if something must be embedded
+    options = IndexOptions(batch_size=args.batch_size, dtype=getattr(args, "dtype", "float32"),
+                           checkpoint_every=getattr(args, "checkpoint_every", 4), progress=not args.quiet,
+                           rebuild=args.rebuild or getattr(args, "force", False))
     try:
-        manifest, stats = index_labeled(data, encoder, index_dir, batch_size=args.batch_size,
-                                        dtype=getattr(args, "dtype", "float32"),
-                                        checkpoint_every=getattr(args, "checkpoint_every", 4),
-                                        progress=not args.quiet, embed_fn=embed_fn,
-                                        rebuild=args.rebuild or getattr(args, "force", False))
+        result = index_source(data, encoder, index_dir, engine=engine, options=options)
     except IndexExistsError as exc:
         raise CliplensError(f"{exc}: pass --rebuild to replace it, or give another --index-dir") from None
-    return index_dir, encoder, manifest, stats
+    return index_dir, encoder, result
+
+
 def lazy_model(args, index_dir):
     """The encoder the flags ask for, loaded only when something must be embedded: when the index in
     ``index_dir`` records that same model, its identity comes from the manifest (see cliplens.indexing.lazy)."""
@@ -145,75 +146,75 @@ def cosine_float(text: str) -> float:
     return value
 
 
-def check_index_kind(index_dir: Path, *, folder: bool, force: bool) -> None:
-    """Refuse to write a CIFAR index over a folder index (or the reverse) unless ``--force``."""
-    from cliplens.store import MANIFEST
+def check_index_kind(index_dir: Path, *, kind: str | None, force: bool) -> None:
+    """Refuse to write one kind of index (a CIFAR split: None, "folder", "list") over another unless ``--force``."""
+    from cliplens.store import read_current_manifest
 
-    try:
-        source = json.loads((Path(index_dir) / MANIFEST).read_text()).get("source") or {}
-    except (OSError, ValueError, AttributeError):
+    current = read_current_manifest(Path(index_dir).expanduser())
+    if current is None or current.source is None:
         return  # nothing there (or unreadable: the store says so when it opens it)
-    is_folder = source.get("type") == "folder"
-    if is_folder != folder and not force:
-        held = "an image-folder index" if is_folder else f"a {source.get('name', 'CIFAR')} index"
-        raise CliplensError(f"{index_dir} holds {held}: choose another --index-dir, or pass --force to replace it")
+    held = current.source.type if current.source.type in ("folder", "list") else None
+    if held != kind and not force:
+        what = {"folder": "an image-folder index", "list": "an image-list index"}.get(held,
+                                                                                    f"a {current.source.name} index")
+        raise CliplensError(f"{index_dir} holds {what}: choose another --index-dir, or pass --force to replace it")
 
 
 # --------------------------------------------------------------------------- index
 
 
 def cmd_index(args) -> int:
-    from cliplens.cli.scale import build_after_index, check_build_flags, engine_embed_fn
-
-    source = args.source.lower()
-    is_folder = source.replace("-", "") not in ("cifar100", "cifar10")
-    if is_folder and not Path(args.source).expanduser().is_dir():
-        raise CliplensError(f"unknown source {args.source!r}: use cifar100, cifar10 or the path of an image folder")
-    check_build_flags(args)  # bad build settings or an unreachable Ray: said now, not after the embedding
-    embed_fn = engine_embed_fn(args)
-    index_dir = (args.index_dir or default_index_dir(f"folder-{Path(args.source).expanduser().resolve().name or 'root'}")
-                 if is_folder else cifar_index_dir(args, source.replace("-", "")))
-    check_index_kind(index_dir, folder=is_folder, force=args.force)
-    if is_folder:  # an image folder: incremental indexing
-        code = cmd_index_folder(args, embed_fn=embed_fn)
-        root = Path(args.source).expanduser().resolve()
-        build_after_index(args, args.index_dir or default_index_dir(f"folder-{root.name or 'root'}"))
-        return code
-    index_dir, _, manifest, stats = index_cifar(args, source.replace("-", ""), embed_fn=embed_fn)
-    if stats.count == 0:
-        print(f"{index_dir}: already complete ({manifest.count} images), nothing to do")
-    else:
-        resumed = f", resumed at {stats.resumed_from}" if stats.resumed_from else ""
-        print(f"indexed {stats.count} images in {stats.seconds:.1f} s ({stats.images_per_second:.1f} img/s{resumed}) "
-              f"-> {index_dir}")
-    build_after_index(args, index_dir)
-    return 0
-
-
-def cmd_index_folder(args, *, embed_fn=None) -> int:
-    """``cliplens index PATH`` when PATH is a folder: incremental, prints one summary line.
-
-    ``embed_fn``: the engine that embeds new and changed images (None: local; see ``cli.scale.engine_embed_fn``).
-    """
+    from cliplens.cli.scale import build_after_index, check_build_flags, engine_for
     from cliplens.errors import IndexExistsError
-    from cliplens.folder_index import FolderIndexOptions, index_folder
+    from cliplens.indexing import IndexOptions, index_source, open_source
     from cliplens.uptodate import folder_unchanged
 
-    root = Path(args.source).expanduser()
+    kind = args.source.lower().replace("-", "")
+    cifar = kind in ("cifar100", "cifar10")
+    if kind == "list" and args.path is None:
+        raise CliplensError("cliplens index list needs the list file: cliplens index list FILE.csv|.jsonl|.parquet")
+    if not cifar and kind != "list" and not Path(args.source).expanduser().is_dir():
+        raise CliplensError(f"unknown source {args.source!r}: use cifar100, cifar10, list FILE, or the path of an "
+                            "image folder")
     if args.max_megapixels <= 0:
         raise CliplensError(f"--max-megapixels must be positive, got {args.max_megapixels}")
-    index_dir = args.index_dir or default_index_dir(f"folder-{root.resolve().name or 'root'}")
-    options = FolderIndexOptions(exclude=tuple(args.exclude), include_hidden=args.include_hidden,
-                                 max_megapixels=args.max_megapixels, batch_size=args.batch_size, dtype=args.dtype,
-                                 progress=not args.quiet, rebuild=args.rebuild,
-                                 replace_other=getattr(args, "force", False))
-    summary = folder_unchanged(root, index_dir, args)  # nothing changed: no model loads, no items read
-    try:
-        if summary is None:
-            summary = index_folder(root, lazy_model(args, index_dir), index_dir, options=options, embed_fn=embed_fn)
-    except IndexExistsError as exc:
-        raise CliplensError(f"{exc}: pass --rebuild to re-embed it, or give another --index-dir") from None
-    print(f"{root}: {summary.line()}")
+    check_build_flags(args)  # bad build settings or an unreachable Ray: said now, not after the embedding
+    engine = engine_for(args)
+    if cifar:
+        index_dir = cifar_index_dir(args, kind)
+    elif kind == "list":
+        index_dir = args.index_dir or default_index_dir(f"list-{Path(args.path).stem}")
+    else:
+        index_dir = args.index_dir or default_index_dir(f"folder-{Path(args.source).expanduser().resolve().name or 'root'}")
+    check_index_kind(index_dir, kind=None if cifar else ("list" if kind == "list" else "folder"), force=args.force)
+    if cifar:
+        index_dir, _, result = index_cifar(args, kind, engine=engine)
+    else:
+        if kind != "list" and engine is None:
+            summary = folder_unchanged(Path(args.source), index_dir, args)  # nothing changed: no model, no items
+            if summary is not None:
+                print(f"{Path(args.source).expanduser()}: {summary.line()}")
+                build_after_index(args, index_dir)
+                return 0
+        source = open_source(args.source, path=args.path, exclude=tuple(args.exclude),
+                             include_hidden=args.include_hidden)
+        options = IndexOptions(batch_size=args.batch_size, dtype=args.dtype, progress=not args.quiet,
+                               max_megapixels=args.max_megapixels, rebuild=args.rebuild or args.force,
+                               replace_other=args.force)
+        try:
+            result = index_source(source, lazy_model(args, index_dir), index_dir, engine=engine, options=options)
+        except IndexExistsError as exc:
+            raise CliplensError(f"{exc}: pass --rebuild to replace it, or give another --index-dir") from None
+    if result.summary is not None:  # a folder or a list: what changed
+        where = Path(args.path) if kind == "list" else Path(args.source).expanduser()
+        print(f"{where}: {result.summary.line()}")
+    elif result.embedded == 0:
+        print(f"{index_dir}: already complete ({result.manifest.count} images), nothing to do")
+    else:
+        resumed = f", resumed at {result.resumed_from}" if result.resumed_from else ""
+        ips = result.embedded / result.seconds if result.seconds > 0 else 0.0
+        print(f"indexed {result.embedded} images in {result.seconds:.1f} s ({ips:.1f} img/s{resumed}) -> {index_dir}")
+    build_after_index(args, index_dir)
     return 0
 
 
@@ -387,10 +388,11 @@ def cmd_demo(args) -> int:
     from cliplens.store import IndexStore
 
     args.split = "test"
-    index_dir, encoder, _, stats = index_cifar(args, "cifar100")
+    index_dir, encoder, result = index_cifar(args, "cifar100")
     encoder = encoder or load_model(args)  # None when the index was already complete: nothing needed it yet
-    if stats.count:
-        print(f"indexed {stats.count} CIFAR-100 test images ({stats.images_per_second:.1f} img/s) -> {index_dir}")
+    if result.embedded:
+        ips = result.embedded / result.seconds if result.seconds > 0 else 0.0
+        print(f"indexed {result.embedded} CIFAR-100 test images ({ips:.1f} img/s) -> {index_dir}")
     else:
         print(f"using the complete index in {index_dir}")
     searcher = Searcher(encoder=encoder, store=IndexStore.open(index_dir))
@@ -416,7 +418,11 @@ def register(sub) -> None:
 
     p = sub.add_parser("index", help="embed a data set into an index folder",
                        description="Embed a data set with CLIP into an index folder (resumable).")
-    p.add_argument("source", help="cifar100, cifar10, or the path of an image folder (indexed incrementally)")
+    p.add_argument("source", help="cifar100, cifar10, the path of an image folder, or list (then FILE); folders "
+                                  "and lists are indexed incrementally")
+    p.add_argument("path", nargs="?", default=None, metavar="FILE",
+                   help="with list: a .csv, .jsonl or .parquet file with a path column (optional caption, label); "
+                        "paths are relative to the file's folder")
     p.add_argument("--split", default="test", choices=["train", "test"], help="CIFAR split to embed")
     p.add_argument("--data-dir", type=Path, default=None, help="where the data set is or goes (default $CLIPLENS_HOME/data)")
     p.add_argument("--no-verify", action="store_true", help="accept files whose md5 is not the official one")

@@ -143,16 +143,21 @@ def build_backend(store, args) -> tuple[object, float]:
     return index, time.perf_counter() - t0
 
 
-def engine_embed_fn(args):
-    """``embed_fn`` for :func:`cliplens.embed.index_labeled` and :func:`cliplens.folder_index.index_folder`: None
-    (local) or the Ray engine's ``embed_into``. A ``ray://`` address is checked here (a TCP connect, seconds),
-    before any data or model is loaded."""
+def engine_for(args):
+    """The ``Engine`` ``--engine`` names for :func:`cliplens.indexing.index_source`: None (local) or a RayEngine. A
+    ``ray://`` address is checked here (a TCP connect, seconds), before any data or model is loaded."""
     if getattr(args, "engine", "local") != "ray":
         return None
     from cliplens.distributed import RayEngine, RayOptions, check_ray_address
 
     check_ray_address(args.ray_address)
-    return RayEngine(RayOptions(address=args.ray_address, actors=args.ray_actors)).embed_into
+    return RayEngine(RayOptions(address=args.ray_address, actors=args.ray_actors))
+
+
+def engine_embed_fn(args):
+    """``embed_fn`` (an engine's ``embed_into``) for :func:`cliplens.embed.index_labeled`, or None (local)."""
+    engine = engine_for(args)
+    return engine.embed_into if engine is not None else None
 
 
 def backend_settings(args, index) -> dict:
