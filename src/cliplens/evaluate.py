@@ -125,6 +125,7 @@ class EvalReport:
     seconds: dict
     notes: tuple = field(default_factory=tuple)
     retrieval_index: dict = field(default_factory=lambda: {"backend": "exact", "depth": None})
+    caption_retrieval: dict | None = None  # captioned indexes: text-to-image / image-to-text recall@k
 
     def to_json(self) -> dict:
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

@@ -200,11 +200,24 @@ def _resolution(r: EvalReport) -> Section:
         Table(("upscaling", "top-1", "seconds"), rows)))
 
 
+def _captions(c: dict) -> Section:
+    rows = tuple((f"recall@{k}", pct(c[f"text_to_image_recall@{k}"]), pct(c[f"image_to_text_recall@{k}"]))
+                 for k in c["ks"])
+    return Section("Caption retrieval", (
+        f"{c['captions']} captions of {c['images_with_captions']} images, each caption encoded as written and "
+        "ranked against every image (text to image), each image against every caption (image to text: a hit is "
+        "any of its captions). CLIP_benchmark's definitions.",
+        Table(("", "text to image", "image to text"), rows)))
+
+
 def build_sections(r: EvalReport, *, ks: Sequence[int], images: np.ndarray | None = None) -> list[Section]:
     warning = weights_warning(r)
-    sections = [*([Section("Warning", (warning,))] if warning else []),
-                Section("Index and model", (_model_line(r.manifest),)), _zero_shot(r, len(r.class_names), images),
-                _retrieval(r, ks), *_cases(r, images)]
+    head = [*([Section("Warning", (warning,))] if warning else []), Section("Index and model", (_model_line(r.manifest),))]
+    if r.caption_retrieval is not None:
+        head.append(_captions(r.caption_retrieval))
+    if not r.class_names:  # a captioned index without labels: caption retrieval is all there is to measure
+        return head
+    sections = [*head, _zero_shot(r, len(r.class_names), images), _retrieval(r, ks), *_cases(r, images)]
     if r.resolution is not None:
         sections.append(_resolution(r))
     about = ["Templates: " + "; ".join(f"{k}: {len(v)}" for k, v in r.templates.items())

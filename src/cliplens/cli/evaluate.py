@@ -47,7 +47,10 @@ def _pct(x) -> str:
 
 def cmd_evaluate(args) -> int:
     from cliplens.cli.scale import backend_label, open_backend
-    from cliplens.evaluate import ORDERS, STYLES, EvalConfig, evaluate_index, load_case_studies
+    import dataclasses
+
+    from cliplens.caption_recall import evaluate_captions
+    from cliplens.evaluate import ORDERS, STYLES, EvalConfig, EvalReport, evaluate_index, load_case_studies
     from cliplens.report import write_report
     from cliplens.store import IndexStore
 
@@ -62,10 +65,23 @@ def cmd_evaluate(args) -> int:
         retrieval_depth=args.retrieval_depth,
     )
     encoder = load_model(args, store.manifest)
-    report = evaluate_index(store, encoder, config, index=index, index_label=backend_label(args, index))
+    captions = evaluate_captions(store, encoder)  # None unless the index has captions
+    if store.has_labels:
+        report = evaluate_index(store, encoder, config, index=index, index_label=backend_label(args, index))
+        report = dataclasses.replace(report, caption_retrieval=captions)
+    elif captions is not None:
+        store.check_model(encoder.info)
+        report = EvalReport(manifest=store.manifest, class_names=(), superclass_names=(), fine_to_coarse=None,
+                            templates={}, primary={}, zero_shot=(), per_template={}, case_studies=(), resolution=None,
+                            seconds={}, caption_retrieval=captions)
+    else:
+        raise CliplensError(f"index at {store.root} has neither labels nor captions: evaluate needs one of them "
+                            "(cifar100, cifar10, or a folder or list with captions)")
     paths = write_report(report, args.out, ks=args.k, images=store.images(), json_path=args.json,
-                         extra_sections=[_map_section(store)])
-    print(summary(report, args.k))
+                         extra_sections=[_map_section(store)] if store.has_labels else [])
+    print(summary(report, args.k) if store.has_labels else caption_summary(report))
+    if store.has_labels and captions is not None:
+        print("\n" + caption_summary(report).split("\n", 1)[1])
     print(f"\nreport: {paths['html']}  (also {paths['markdown'].name}, {paths['metrics'].name}"
           + (f"; metrics copied to {paths['json']}" if "json" in paths else "") + ")")
     return 0
@@ -80,6 +96,13 @@ def _map_section(store):
     groups, names, kind = map_groups(store)
     png = plot_map(pts, groups, names, f"PCA of {len(store)} image embeddings, by {kind}")
     return map_section(png, "A 2-D view of the image embeddings; `cliplens map --method tsne` draws a t-SNE.", "pca", kind)
+def caption_summary(report) -> str:
+    c, m = report.caption_retrieval, report.manifest.model
+    lines = [f"{report.manifest.count} images, {c['captions']} captions; model {m.short_label()}",
+             f"{'caption retrieval':<20}" + "".join(f"{'R@' + str(k):>8}" for k in c["ks"])]
+    for way, label in (("text_to_image", "text -> image"), ("image_to_text", "image -> text")):
+        lines.append(f"{label:<20}" + "".join(f"{_pct(c[f'{way}_recall@{k}']):>8}" for k in c["ks"]))
+    return "\n".join(lines)
 
 
 def summary(report, ks) -> str:
