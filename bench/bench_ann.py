@@ -142,9 +142,9 @@ def centres_for(n: int, dim: int) -> np.ndarray:
 
 def random_store(root: Path, n: int, dim: int, seed: int, *, clustered: bool = False):
     """A complete store of ``n`` seeded unit vectors, written in chunks (1M x 512 is 2 GB)."""
-    from cliplens.store import IndexStore, IndexWriter
+    from cliplens.store import IndexStore, IndexWriter, read_current_manifest
 
-    if (root / "manifest.json").is_file():
+    if read_current_manifest(root) is not None:
         return IndexStore.open(root)
     kind = "clustered" if clustered else "random"
     writer = IndexWriter(root=root, identity={"source": f"{kind}-{n}x{dim}", "seed": seed, "count": n,
@@ -224,7 +224,7 @@ def bench_store(name: str, store, queries: np.ndarray, args) -> list[dict]:
         return index, seconds, peak
 
     add("exact", "numpy (memory-mapped store)", lambda q: exact.search(q, K), size_mb=store.embeddings.nbytes / 2**20)
-    files = [store.root / "embeddings.npy"]
+    files = [store.files / "embeddings.npy"]
     if "flat" in wanted:
         flat, secs, peak = build("faiss", factory="Flat")
         add("faiss", "Flat", lambda q: flat.search(q, K), build_s=secs, size_mb=flat.paths[0].stat().st_size / 2**20,
