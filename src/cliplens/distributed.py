@@ -6,8 +6,9 @@
   preprocesses and encodes in the same ``batch_size`` batches as a local run, so the vectors are identical to a
   local run on the same weights and device (the float results depend on batch shapes, not on which process ran).
 - Finished shards stream back to the driver, which writes each to ``shards/`` in the build's scratch folder
-  atomically: no shared filesystem is needed between machines. A shard that raises is retried (``max_retries`` times) and an actor
-  that dies is restarted by Ray; a failed or killed run keeps every finished shard and redoes only the others.
+  atomically: no shared filesystem is needed between machines. A shard that raises is retried (``max_retries``
+  times) and an actor that dies is restarted by Ray; a failed or killed run keeps every finished shard and redoes
+  only the others.
 - The store then merges the shards, in order, into the usual resumable ``IndexWriter``: same index format.
 
 ``ray.init()`` with no address starts a local Ray on this machine (what the tests use); ``address="auto"`` joins

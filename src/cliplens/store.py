@@ -129,7 +129,9 @@ class IndexStore:
                           f"`cliplens index ... --index-dir {self.root}`")
 
     def validate(self, *, full: bool = False) -> None:
-        """Counts, dims, dtypes, ids, label ranges, thumbnails, finiteness (sampled unless ``full``)."""
+        """Counts, dims, dtypes, ids, label ranges, thumbnails, finiteness (sampled unless ``full``).
+
+        ``fine_to_coarse`` may hold -1: a class without images in this split has no known superclass."""
         m, n = self.manifest, len(self)
         if not np.array_equal(np.asarray(self.items["id"]), np.arange(n)):
             raise self._bad(ITEMS, f"has ids that are not 0..{n - 1} in order")
@@ -138,8 +140,8 @@ class IndexStore:
                 values = np.asarray(self.items[col])
                 if values.dtype.kind not in "iu" or values.min() < 0 or values.max() >= len(names):
                     raise self._bad(ITEMS, f"has {col} values outside 0..{len(names) - 1}")
-        if m.fine_to_coarse is not None and (len(m.fine_to_coarse) != len(m.class_names or ())
-                                             or any(not 0 <= c < len(m.superclass_names or ()) for c in m.fine_to_coarse)):
+        f2c, n_sup = m.fine_to_coarse, len(m.superclass_names or ())
+        if f2c is not None and (len(f2c) != len(m.class_names or ()) or any(not -1 <= c < n_sup for c in f2c)):
             raise self._bad(MANIFEST, "has a fine_to_coarse map that does not fit its class names")
         if (self.files / IMAGES).is_file():
             try:
