@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 
 import numpy as np
 import pytest
 
 from cliplens.errors import ModelMismatchError
+from cliplens.manifest import Manifest, ModelInfo
 from cliplens.probe import ProbeConfig, ProbeError, check_compatible, compare, linear_probe, split_train_val
 
 FAST = ProbeConfig(cs=(0.1, 10.0), refine=False)
@@ -78,12 +80,13 @@ def test_compare_orders_gains():
 
 
 def test_incompatible_indexes_and_bad_config():
-    m = {"model": {"name": "m", "weights_sha256": "aa"}, "class_names": ["x", "y"]}
-    check_compatible(m, dict(m))
+    m = Manifest(count=2, embedding_dim=2, dtype="float32", model=ModelInfo(name="m", weights_sha256="aa"),
+                 class_names=("x", "y"))
+    check_compatible(m, replace(m))
     with pytest.raises(ModelMismatchError, match="same --model"):
-        check_compatible(m, {**m, "model": {"name": "m", "weights_sha256": "bb"}})
+        check_compatible(m, replace(m, model=ModelInfo(name="m", weights_sha256="bb")))
     with pytest.raises(ProbeError, match="same class names"):
-        check_compatible(m, {**m, "class_names": ["x", "z"]})
+        check_compatible(m, replace(m, class_names=("x", "z")))
     with pytest.raises(ProbeError):
         ProbeConfig(limit_per_class=1)
     with pytest.raises(ProbeError):

@@ -15,6 +15,13 @@ log = logging.getLogger(__name__)
 SIDECAR_MAX_BYTES = 1 << 20  # a caption file larger than 1 MiB is not a caption
 
 
+def sidecar_names(name: str) -> tuple[str, ...]:
+    """The file names a sidecar of image ``name`` may have, in the order they are tried: ``photo.txt``,
+    ``photo.jpg.txt``, ``photo.json``, ``photo.jpg.json``."""
+    stem = name.rsplit(".", 1)[0] if "." in name[1:] else name
+    return tuple(n for suffix in (".txt", ".json") for n in (stem + suffix, name + suffix))
+
+
 def read_sidecar(image_path: str | Path, *, root: str | Path | None = None) -> tuple[str | None, str | None]:
     """(caption, metadata JSON text) from ``photo.txt``/``photo.json`` or ``photo.jpg.txt``/``photo.jpg.json``.
 
@@ -27,8 +34,9 @@ def read_sidecar(image_path: str | Path, *, root: str | Path | None = None) -> t
     """
     p = Path(image_path)
     caption = meta = None
-    for suffix in (".txt", ".json"):
-        for cand in (p.with_suffix(suffix), p.with_name(p.name + suffix)):
+    names = sidecar_names(p.name)
+    for suffix, pair in ((".txt", names[:2]), (".json", names[2:])):
+        for cand in (p.with_name(n) for n in pair):
             if not os.path.lexists(cand):
                 continue
             text = _read_sidecar_text(cand, root)

@@ -10,10 +10,11 @@ by content sha256, embedding what is new, writing the generation. A new file-bas
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cliplens.datasets.folder import FolderFile, read_sidecar, walk_folder
+from cliplens.datasets.folder import FolderFile, read_sidecar, sidecar_names, walk_folder
 from cliplens.datasets.listfile import ImageList, list_files, read_list
 
 
@@ -34,7 +35,17 @@ class FolderListing:
                                  skipped=self.refused)  # link loops, links out, names that are not UTF-8
 
     def columns(self, rels: list[str]) -> dict[str, list]:
-        captions = [read_sidecar(self.root / rel, root=self.root) for rel in rels]
+        listed: dict[str, set[str]] = {}  # folder -> its file names: one listdir per folder, not 4 stats per image
+        captions = []
+        for rel in rels:
+            folder, _, name = rel.rpartition("/")
+            if folder not in listed:
+                try:
+                    listed[folder] = set(os.listdir(self.root / folder))
+                except OSError:
+                    listed[folder] = set()
+            has = any(n in listed[folder] for n in sidecar_names(name))
+            captions.append(read_sidecar(self.root / rel, root=self.root) if has else (None, None))
         return {"caption": [c for c, _ in captions], "meta": [m for _, m in captions]}
 
     def class_names(self, rels: list[str]) -> tuple[str, ...] | None:
