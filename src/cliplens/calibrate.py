@@ -22,6 +22,7 @@ import numpy as np
 
 from cliplens._files import cliplens_home, write_json_atomic
 from cliplens.errors import CliplensError
+from cliplens.manifest import ModelInfo
 
 log = logging.getLogger(__name__)
 
@@ -80,11 +81,11 @@ def _path(weights_sha256: str | None, model_name: str) -> Path:
     return calibration_dir() / f"{weights_sha256}.json"
 
 
-def record(model: dict, template: str, result: dict, *, index: str) -> Path:
+def record(model: ModelInfo, template: str, result: dict, *, index: str) -> Path:
     """Store ``result`` for (model weights, template); other templates' entries in the file are kept."""
-    path = _path(model.get("weights_sha256"), model.get("name", "?"))
-    data = _load(path) or {"model": model.get("name"), "pretrained": model.get("pretrained"),
-                           "weights_sha256": model.get("weights_sha256"), "templates": {}}
+    path = _path(model.weights_sha256, model.name)
+    data = _load(path) or {"model": model.name, "pretrained": model.pretrained,
+                           "weights_sha256": model.weights_sha256, "templates": {}}
     data["templates"][template] = {**result, "index": index,
                                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
     write_json_atomic(path, data)
@@ -103,14 +104,14 @@ def _load(path: Path) -> dict | None:
     return data
 
 
-def lookup(model: dict, template: str) -> dict:
+def lookup(model: ModelInfo, template: str) -> dict:
     """The calibration for these weights and this template, or CalibrationError saying how to make one."""
-    path = _path(model.get("weights_sha256"), model.get("name", "?"))
+    path = _path(model.weights_sha256, model.name)
     data = _load(path)
     entry = (data or {}).get("templates", {}).get(template)
     if entry is None or entry.get("threshold") is None:
         have = ", ".join(repr(t) for t in (data or {}).get("templates", {})) or "none"
-        raise CalibrationError(f"no calibrated threshold for {model.get('name')} with template {template!r} "
+        raise CalibrationError(f"no calibrated threshold for {model.name} with template {template!r} "
                                f"(calibrated: {have}): run `cliplens calibrate --index-dir LABELLED_INDEX "
                                f"--template {template!r}`")
     return entry

@@ -34,11 +34,11 @@ class CompareError(CliplensError):
     """The indexes cannot be compared (different images or labels, fewer than two, no labels)."""
 
 
-def published_for(model: dict, source: str | None) -> list[dict]:
+def published_for(model, source: str | None) -> list[dict]:
     """Published CIFAR-100 zero-shot anchors for this model (none for other data sets)."""
     if source != "cifar100":
         return []
-    key = (model.get("name"), model.get("pretrained"))
+    key = (model.name, model.pretrained)  # a ModelInfo
     out = []
     if key[1] == "openai" and key[0] in ("ViT-B-32", "ViT-B-32-quickgelu"):
         out += [{"value": 0.651, "source": "CLIP paper"}, {"value": 0.645, "source": "CLIP_benchmark"}]
@@ -62,17 +62,15 @@ def check_same_source(stores: Sequence) -> None:
 
 def model_row(store, report, *, crossover: dict | None) -> dict:
     """One model's line of the table, from its EvalReport (primary variant)."""
-    from cliplens.report import model_label
-
     prim = report.primary
     z = next(r for r in report.zero_shot if (r["templates"], r["classnames"], r["ensemble"])
              == (prim["templates"], prim["classnames"], prim["ensemble"]))
     retrieval = report.per_template[prim["templates"]]["retrieval"]["summary"]
     case_p10 = {c["class"]: c["ensembled"]["precision@10"] for c in report.case_studies if "skipped" not in c}
-    m = store.manifest["model"]
-    return {"index": str(store.root), "label": model_label(m), "model": m, "top1": z["top1"], "top5": z["top5"],
+    m, src = store.manifest.model, store.manifest.source
+    return {"index": str(store.root), "label": m.short_label(), "model": m.to_json(), "top1": z["top1"], "top5": z["top5"],
             "mAP": retrieval["mAP"], "templates": prim["templates"], "case_p10": case_p10, "crossover": crossover,
-            "published": published_for(m, (store.manifest.get("source") or {}).get("name"))}
+            "published": published_for(m, src.name if src else None)}
 
 
 def side_by_side(searchers: Sequence, queries: Sequence[str], k: int = 10) -> list[dict]:
@@ -91,6 +89,6 @@ def compare_result(stores: Sequence, rows: list[dict], queries: list[dict]) -> d
     names = []
     for r in rows:
         names += [c for c in r["case_p10"] if c not in names]
-    src = stores[0].manifest.get("source") or {}
-    return {"count": len(stores[0]), "source": f"{src.get('name', '?')} {src.get('split') or ''}".strip(),
+    src = stores[0].manifest.source
+    return {"count": len(stores[0]), "source": f"{src.name if src else '?'} {(src.split if src else None) or ''}".strip(),
             "models": rows, "case_names": names, "queries": queries}

@@ -83,10 +83,9 @@ def project(x: np.ndarray, *, method: str = "pca", seed: int = 0, library: str |
         return np.asarray(reducer.fit_transform(x), np.float32)
 
 
-def cache_key(manifest: dict, *, method: str, library: str, params: dict, seed: int) -> str:
-    fields = {"method": method, "library": library, "params": params, "seed": seed, "count": manifest.get("count"),
-              "dim": manifest.get("embedding_dim"), "created": manifest.get("created"),
-              "identity": manifest.get("identity")}
+def cache_key(manifest, *, method: str, library: str, params: dict, seed: int) -> str:
+    fields = {"method": method, "library": library, "params": params, "seed": seed, "count": manifest.count,
+              "dim": manifest.embedding_dim, "created": manifest.created, "identity": manifest.identity}
     return hashlib.sha256(json.dumps(fields, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 

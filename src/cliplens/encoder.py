@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import os
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence

@@ -52,6 +52,9 @@ class ModelInfo:
             return f"{self.name} (weights {self.weights_path})"
         return self.name
 
+    def to_json(self) -> dict:
+        return asdict(self)
+
     def same_vectors(self, other: "ModelInfo") -> bool:
         """True when both produce the same embedding space (same model, same weights)."""
         return self.name == other.name and self.weights_sha256 == other.weights_sha256

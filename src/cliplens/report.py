@@ -50,13 +50,12 @@ def _en(name: str) -> str:
     return english_classname(name)
 
 
-def _is_published_model(manifest: dict) -> bool:
-    m = manifest.get("model", {})
-    return ((m.get("name"), m.get("pretrained")) in PUBLISHED_MODELS
-            and (manifest.get("source") or {}).get("name") == "cifar100")
+def _is_published_model(manifest) -> bool:
+    m, src = manifest.model, manifest.source
+    return (m.name, m.pretrained) in PUBLISHED_MODELS and src is not None and src.name == "cifar100"
 
 
-def _published_beside(z: dict, manifest: dict) -> str:
+def _published_beside(z: dict, manifest) -> str:
     """The anchors run like this row (18 CIFAR-100 templates, same class-name style), for the anchors' model only."""
     if not _is_published_model(manifest) or z["templates"] != "cifar100" or z["ensemble"] != "normalize-first":
         return "-"
@@ -72,10 +71,10 @@ def weights_warning(r: EvalReport) -> str | None:
     anchor = min(p["value"] for p in PUBLISHED if p["metric"] == "zero-shot top-1")
     if best >= anchor - FAR_BELOW:
         return None
-    sha = (r.manifest["model"].get("weights_sha256") or "none")[:12]
+    sha = (r.manifest.model.weights_sha256 or "none")[:12]
     return (f"Warning: the best zero-shot top-1 measured here ({pct(best)}) is far below the published {pct(anchor)}"
             f"-{pct(max(p['value'] for p in PUBLISHED if p['metric'] == 'zero-shot top-1'))} for "
-            f"{r.manifest['model']['name']}/{r.manifest['model']['pretrained']}: these are probably not the official "
+            f"{r.manifest.model.name}/{r.manifest.model.pretrained}: these are probably not the official "
             f"weights (sha256 {sha}), or the images are not the CIFAR-100 test set.")
 
 

@@ -105,6 +105,9 @@ class IndexStore:
                 if done:
                     raise StoreError(f"index at {root} is incomplete ({done} images embedded): "
                                      "run the same `cliplens index` command again to resume it")
+                if builds(root):
+                    raise StoreError(f"index at {root} is unfinished (an indexing run stopped before it completed): "
+                                     "run the same `cliplens index` command again to finish it")
                 raise StoreError(f"{root} is not a cliplens index (no {MANIFEST}): build one with `cliplens index`")
             files = root  # format 1: the files at the top of the folder
         manifest = manifest_io.read(files / MANIFEST)

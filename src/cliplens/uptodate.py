@@ -9,55 +9,42 @@ same when the flags name the model the index records and its weights file still 
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
-from cliplens.store import MANIFEST, PROGRESS
+from cliplens.manifest import Manifest, ModelInfo
+from cliplens.store import read_current_manifest
 
 log = logging.getLogger(__name__)
 
 
-def _manifest(index_dir: Path) -> dict | None:
-    if not (index_dir / MANIFEST).is_file() or (index_dir / PROGRESS).is_file():
-        return None
-    try:
-        return json.loads((index_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def same_model(built: dict, args) -> bool:
-    """True when ``args`` (--model, --pretrained, --weights, --precision) ask for the model ``built`` records."""
-    from cliplens._files import cached_sha256
+def same_model(built: ModelInfo, args) -> bool:
+    """True when ``args`` (--model, --pretrained, --weights, --precision) ask for the model ``built`` records,
+    decided without loading it (:func:`cliplens.indexing.lazy.same_request`). Exact precision on the CPU only:
+    a fast or accelerator encoder is chosen at load time, so only loading can tell."""
     from cliplens.encoder import DEFAULT_MODEL, DEFAULT_PRETRAINED
+    from cliplens.indexing.lazy import same_request
 
-    name = args.model or DEFAULT_MODEL
-    if name != built.get("name") or getattr(args, "precision", "exact") != "exact" or built.get("precision") != "exact":
-        return False  # (fast: the backend is chosen at load time, so only loading can tell)
+    if getattr(args, "precision", "exact") != "exact" or built.precision != "exact":
+        return False
     if getattr(args, "device", "auto") not in ("auto", "cpu"):
         return False
-    if args.weights is not None:
-        path = Path(args.weights).expanduser()
-    else:
-        schema = name.startswith(("hf-hub:", "local-dir:"))
-        want_tag = None if schema else (args.pretrained or DEFAULT_PRETRAINED)
-        if built.get("pretrained") != want_tag or not built.get("weights_path"):
-            return False
-        path = Path(built["weights_path"])
-    try:
-        return path.is_file() and cached_sha256(path) == built.get("weights_sha256")
-    except OSError:
+    name = args.model or DEFAULT_MODEL
+    if built.name != name:
         return False
+    pretrained = None if args.weights else (args.pretrained or DEFAULT_PRETRAINED)
+    if args.weights is None and built.weights_path is None:
+        return False  # random weights, or a tag whose file was not recorded: load to be sure
+    return same_request(built, name=name, pretrained=pretrained, weights=args.weights, precision="exact")
 
 
-def labeled_complete(index_dir: Path, data, args) -> dict | None:
+def labeled_complete(index_dir: Path, data, args) -> Manifest | None:
     """The manifest when ``index_dir`` already holds ``data`` (``LabeledImages``) embedded as ``args`` ask."""
     index_dir = Path(index_dir).expanduser()
-    manifest = _manifest(index_dir)
-    if manifest is None or not same_model(manifest.get("model", {}), args):
+    manifest = read_current_manifest(index_dir)
+    if manifest is None or not same_model(manifest.model, args):
         return None
-    identity = manifest.get("identity", {})
+    identity = manifest.identity
     want = {"source": data.source, "split": data.split, "count": len(data), "dtype": getattr(args, "dtype", "float32"),
             "files": {"verified": data.fingerprint.get("verified"), "files": data.fingerprint.get("files")}}
     if any(identity.get(k) != v for k, v in want.items()):
@@ -74,33 +61,38 @@ def folder_unchanged(root: Path, index_dir: Path, args):
     from cliplens.datasets.folder import read_sidecar, walk_folder
     from cliplens.folder_index import FolderIndexSummary
     from cliplens.items import LazyItems
+    from cliplens.store import ITEMS, index_files
 
     root, index_dir = Path(root).expanduser().resolve(), Path(index_dir).expanduser()
-    manifest = _manifest(index_dir)
-    if manifest is None:
+    manifest = read_current_manifest(index_dir)
+    if manifest is None or manifest.source is None:
         return None
-    source = manifest.get("source", {})
-    flags = {"type": "folder", "root": str(root), "exclude": list(args.exclude), "include_hidden": args.include_hidden,
+    source = manifest.source
+    flags = {"exclude": list(args.exclude), "include_hidden": args.include_hidden,
              "max_megapixels": args.max_megapixels}
-    if any(source.get(k) != v for k, v in flags.items()) or manifest.get("identity", {}).get("dtype") != getattr(args, "dtype", "float32"):
+    if (source.type != "folder" or source.root != str(root) or any(source.options.get(k) != v for k, v in flags.items())
+            or manifest.identity.get("dtype") != getattr(args, "dtype", "float32")):
         return None
-    if not same_model(manifest.get("model", {}), args):
+    if not same_model(manifest.model, args):
         return None
     try:
-        items = LazyItems(index_dir / "items.parquet")
+        items = LazyItems(index_files(index_dir) / ITEMS)
         indexed = list(zip(items["path"], items["size"].tolist(), items["mtime_ns"].tolist()))
         captions = list(zip(items["caption"], items["meta"]))
     except Exception:  # an unreadable or older index: the full path decides
         return None
-    skipped = manifest.get("folder", {}).get("skipped", [])
-    files = walk_folder(root, exclude=args.exclude, include_hidden=args.include_hidden)
-    bad = {(b["path"], b.get("size"), b.get("mtime_ns")) for b in skipped}
+    skipped = (manifest.folder or {}).get("skipped", [])
+    unusable: list[tuple[str, str]] = []  # link loops, links out, names that are not UTF-8 (recorded without size)
+    files = walk_folder(root, exclude=args.exclude, include_hidden=args.include_hidden, skipped=unusable)
+    if {b["path"] for b in skipped if b.get("size") is None} != {rel for rel, _ in unusable}:
+        return None
+    bad = {(b["path"], b.get("size"), b.get("mtime_ns")) for b in skipped if b.get("size") is not None}
     listing = [(f.rel, f.size, f.mtime_ns) for f in files]
     if [x for x in listing if x not in bad] != [(str(p), int(s), int(m)) for p, s, m in indexed]:
         return None
     if len(listing) - len(indexed) != len(bad):
         return None
-    if [read_sidecar(root / rel) for rel, _, _ in indexed] != [(c, m) for c, m in captions]:
+    if [read_sidecar(root / rel, root=root) for rel, _, _ in indexed] != [(c, m) for c, m in captions]:
         return None
     for b in skipped:
         log.warning("skipped %s: %s", b["path"], b["reason"])

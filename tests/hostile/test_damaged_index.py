@@ -146,6 +146,6 @@ def test_a_format_1_index_opens_and_is_upgraded_by_the_next_index_run(tiny_index
     assert json.loads(capsys.readouterr().out)["hits"]
     _, stats = index_labeled(cifar_test, tiny_encoder, old, batch_size=32, progress=False)
     assert stats.count == 0  # the same identity: nothing to re-embed, and nothing rewritten
-    index_labeled(cifar_test, tiny_encoder, old, batch_size=64, progress=False, dtype="float16")  # a real rebuild
+    index_labeled(cifar_test, tiny_encoder, old, batch_size=64, progress=False, dtype="float16", rebuild=True)
     assert (old / "CURRENT").is_file() and not (old / "manifest.json").exists()  # upgraded in place
     assert IndexStore.open(old).manifest.format_version == 2

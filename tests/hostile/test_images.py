@@ -65,9 +65,9 @@ def test_unusable_entries_are_skipped_and_counted_on_every_run(case, tmp_path, c
         assert f"{bad} skipped" in stdout, stdout
     store = IndexStore.open(out)
     assert sorted(map(str, store.items["path"])) == ["a.png", "b.png"]
-    skipped = store.manifest["folder"]["skipped"]
+    skipped = store.manifest.folder["skipped"]
     assert len(skipped) == bad and all(s["reason"] for s in skipped)
-    json.dumps(store.manifest, ensure_ascii=True)  # every recorded name is valid Unicode
+    json.dumps(store.manifest.to_json(), ensure_ascii=True)  # every recorded name is valid Unicode
     assert hf.tree_digest(tmp_path / "photos") == before
 
 
@@ -143,7 +143,7 @@ from pathlib import Path
 from cliplens.encoder import load_encoder
 from cliplens.folder_index import FolderIndexOptions, index_folder
 encoder = load_encoder(sys.argv[3], device="cpu")
-index_folder(sys.argv[4], encoder, Path(sys.argv[2]) / "warm", options=FolderIndexOptions(progress=False))
+index_folder(sys.argv[4], encoder, Path(sys.argv[2]).parent / "warm", options=FolderIndexOptions(progress=False))
 reset(); before = rss_mb()
 summary = index_folder(sys.argv[1], encoder, sys.argv[2], options=FolderIndexOptions(batch_size=8, progress=False))
 assert summary.added == 3, summary
@@ -175,10 +175,13 @@ def test_indexing_large_images_holds_one_full_size_image_per_thread(tmp_path, ti
 
 THUMB = MEASURE + """
 from pathlib import Path
+from types import SimpleNamespace
+from cliplens.manifest import SourceInfo
 from cliplens.web.images import item_image
 class Store:  # what item_image reads of a folder index
     root = Path(sys.argv[1])
-    manifest = {"source": {"type": "folder", "root": sys.argv[1], "max_megapixels": 100}}
+    manifest = SimpleNamespace(source=SourceInfo(name="folder", type="folder", root=sys.argv[1],
+                                                 options={"max_megapixels": 100}))
     items = {"path": ["big0.jpg"]}
     def images(self):
         return None

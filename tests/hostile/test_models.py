@@ -18,6 +18,7 @@ import pytest
 
 import hostile_fixture as hf
 import model_fixture
+from cliplens.store import index_files
 from cliplens.errors import BackendError
 from cliplens.store import IndexStore
 
@@ -136,8 +137,8 @@ def test_a_faiss_index_of_another_store_is_refused(tiny_index, tmp_path, capsys)
     one, other = tmp_path / "one", tmp_path / "other"
     shutil.copytree(tiny_index, one)
     shutil.copytree(tiny_index, other)
-    manifest = (other / "manifest.json").read_text()
-    (other / "manifest.json").write_text(manifest.replace('"created": "', '"created": "1999-'))  # rebuilt since
+    manifest = (index_files(other) / "manifest.json").read_text()
+    (index_files(other) / "manifest.json").write_text(manifest.replace('"created": "', '"created": "1999-'))  # rebuilt since
     FaissIndex.build(IndexStore.open(one), factory="Flat", progress=False)
     shutil.copytree(one / "faiss", other / "faiss")  # copied beside another store
     with pytest.raises(BackendError, match="built for another index"):

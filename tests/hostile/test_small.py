@@ -49,7 +49,7 @@ def test_cifar_index_over_a_folder_index_needs_force(photos, tmp_path, cifar_roo
     assert hf.tree_digest(out) == before
     code, _, err = hf.cli(capsys, *cifar, "--force")
     assert code == 0, err
-    assert IndexStore.open(out).manifest["source"]["name"] == "cifar100"
+    assert IndexStore.open(out).manifest.source.name == "cifar100"
 
 
 def test_folder_index_over_a_cifar_index_needs_force(photos, tmp_path, tiny_index, tiny_model, capsys):
@@ -62,4 +62,4 @@ def test_folder_index_over_a_cifar_index_needs_force(photos, tmp_path, tiny_inde
     code, _, err = hf.cli(capsys, *folder, "--force")
     assert code == 0, err
     replaced = IndexStore.open(out)
-    assert replaced.manifest["source"]["type"] == "folder" and replaced.images() is None  # no CIFAR tiles left
+    assert replaced.manifest.source.type == "folder" and replaced.images() is None  # no CIFAR tiles left

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 
+from cliplens.store import index_files
 from cliplens.cli import main
 from cliplens.suspects import SuspectsError, read_reference
 
@@ -48,7 +49,7 @@ ARGV = [  # command lines that must be refused before any work, with part of the
     (["fewshot", "--train-index-dir", "{i}", "--index-dir", "{i}", "--seeds", "0"], "must be at least 1"),
     (["fewshot", "--train-index-dir", "{i}", "--index-dir", "{i}", "--methods", "magic"], "unknown method magic"),
     (["fewshot", "--train-index-dir", "{i}/nope", "--index-dir", "{i}"], "no index at"),
-    (["suspects", "--index-dir", "{i}", "--reference", "{i}/manifest.json"], "expected item ids"),
+    (["suspects", "--index-dir", "{i}", "--reference", "{i}/CURRENT"], "expected item ids"),
     (["map", "--index-dir", "{i}", "--out", "{i}/map.txt"], "must name a .png"),
     (["map", "--index-dir", "{i}", "--method", "mds"], "invalid choice"),
     (["compare", "--index-dir", "{i}"], "at least two indexes"),
@@ -71,5 +72,5 @@ def test_bad_command_lines(tiny_index, capsys, argv, message, monkeypatch):
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err
     assert sorted(p.name for p in root.iterdir()) == before  # nothing written into the index
-    json.loads((root / "manifest.json").read_text())
-    assert np.load(root / "embeddings.npy").shape[0] == 200
+    json.loads((index_files(root) / "manifest.json").read_text())
+    assert np.load(index_files(root) / "embeddings.npy").shape[0] == 200

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from cliplens.store import IndexStore
 from cliplens.cli import build_parser, main
 
 BIN = Path(sys.executable).parent
@@ -115,12 +116,12 @@ def test_demo_limit_gets_its_own_folder_and_a_complete_index_is_never_rebuilt_si
     assert code == 0
     full = tmp_path / "home" / "indexes" / "cifar100-test"
     before = digest(full)
-    assert json.loads((full / "manifest.json").read_text())["count"] == 200
+    assert IndexStore.open(full).manifest.count == 200
 
     code, out, _ = run_cli(capsys, "demo", *common, "--limit", "20")
     assert code == 0
     quick = tmp_path / "home" / "indexes" / "cifar100-test-first20"
-    assert json.loads((quick / "manifest.json").read_text())["count"] == 20
+    assert IndexStore.open(quick).manifest.count == 20
     assert digest(full) == before  # the 2,000-image look did not replace the 10,000-image build
 
     code, _, err = run_cli(capsys, "index", "cifar100", "--index-dir", full, "--limit", "20", *common)
@@ -134,7 +135,7 @@ def test_demo_limit_gets_its_own_folder_and_a_complete_index_is_never_rebuilt_si
     code, out, _ = run_cli(capsys, "index", "cifar100", "--index-dir", full, *common)  # same settings: no-op
     assert code == 0 and "nothing to do" in out and digest(full) == before
     code, _, _ = run_cli(capsys, "index", "cifar100", "--index-dir", full, "--limit", "20", "--rebuild", *common)
-    assert code == 0 and json.loads((full / "manifest.json").read_text())["count"] == 20
+    assert code == 0 and IndexStore.open(full).manifest.count == 20
 
 
 def test_folder_index_with_another_model_needs_rebuild(capsys, tmp_path, tiny_model):
@@ -269,7 +270,7 @@ def test_demo_help_names_its_options(capsys):
 
 def test_info_shows_source_checksums(capsys, small_index):
     code, out, _ = run_cli(capsys, "info", "--index-dir", small_index)
-    manifest = json.loads((small_index / "manifest.json").read_text())
+    manifest = IndexStore.open(small_index).manifest.to_json()
     files = manifest["source"]["fingerprint"]["files"]
     assert code == 0 and "batch None" not in out
     for digest_ in files.values():

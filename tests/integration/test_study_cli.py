@@ -94,7 +94,7 @@ def test_calibrate_then_search_min_score_calibrated(tiny_index, tmp_path, capsys
                  "--json", "-q", "--device", "cpu"]) == 0
     cal = json.loads(capsys.readouterr().out)
     assert cal["threshold"] is not None and cal["precision"] >= 0.01 and cal["recall"] == 1.0
-    model = IndexStore.open(tiny_index).manifest["model"]
+    model = IndexStore.open(tiny_index).manifest.model
     assert lookup(model, "a photo of a {}.")["threshold"] == cal["threshold"]
     assert (tmp_path / "cal" / "figures" / "calibration.png").is_file()
     assert main(["search", "tractor", "--index-dir", str(tiny_index), "-k", "200", "--json", "--device", "cpu"]) == 0

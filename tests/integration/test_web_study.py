@@ -81,7 +81,7 @@ def test_calibration_for_the_page_slider(client, searchers, tmp_path, monkeypatc
 
     monkeypatch.setenv("CLIPLENS_HOME", str(tmp_path))
     assert "cliplens calibrate" in error(client.get("/api/study/calibration", params={"index": "cifar"}), 404)
-    record(searchers["cifar"].store.manifest["model"], "a photo of a {}.", {"threshold": 0.21, "precision": 0.9},
+    record(searchers["cifar"].store.manifest.model, "a photo of a {}.", {"threshold": 0.21, "precision": 0.9},
            index="x")
     body = client.get("/api/study/calibration", params={"index": "cifar"}).json()
     assert body["threshold"] == 0.21 and body["template"] == "a photo of a {}."

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from cliplens.calibrate import CalibrationError, calibrate, lookup, pr_curve, record
+from cliplens.manifest import ModelInfo
 
 
 def test_pr_curve_by_hand_with_a_tie():
@@ -45,7 +46,7 @@ def test_threshold_is_the_lowest_score_reaching_the_target():
 
 def test_recorded_per_weights_and_template_and_looked_up(tmp_path, monkeypatch):
     monkeypatch.setenv("CLIPLENS_HOME", str(tmp_path))
-    model = {"name": "m", "pretrained": "p", "weights_sha256": "ab" * 32}
+    model = ModelInfo(name="m", pretrained="p", weights_sha256="ab" * 32)
     path = record(model, "a photo of a {}.", {"threshold": 0.25, "precision": 0.9}, index="/x")
     record(model, "{}", {"threshold": 0.3, "precision": 0.91}, index="/y")
     assert path == tmp_path / "calibration" / f"{'ab' * 32}.json"
@@ -55,9 +56,9 @@ def test_recorded_per_weights_and_template_and_looked_up(tmp_path, monkeypatch):
     with pytest.raises(CalibrationError, match="calibrated: 'a photo of a {}.', '{}'"):
         lookup(model, "a sketch of a {}.")
     with pytest.raises(CalibrationError, match="run `cliplens calibrate"):
-        lookup({"name": "other", "weights_sha256": "cd" * 32}, "{}")
+        lookup(ModelInfo(name="other", weights_sha256="cd" * 32), "{}")
     with pytest.raises(CalibrationError, match="no weights sha256"):
-        record({"name": "random"}, "{}", {"threshold": 0.1}, index="/z")
+        record(ModelInfo(name="random"), "{}", {"threshold": 0.1}, index="/z")
     path.write_text("{not json")
     with pytest.raises(CalibrationError, match="unreadable"):
         lookup(model, "{}")

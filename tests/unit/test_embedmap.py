@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 
 import numpy as np
@@ -63,7 +64,7 @@ def test_cache_in_the_index_folder_keyed_by_method_and_params(tmp_path):
     m = store.manifest
     keys = {cache_key(m, method="tsne", library="sklearn", params={"perplexity": p}, seed=s) for p in (5, 30) for s in (0, 1)}
     assert len(keys) == 4
-    rebuilt = {**m, "created": "another time"}
+    rebuilt = dataclasses.replace(m, created="another time")
     assert cache_key(rebuilt, method="pca", library="numpy", params={}, seed=0) != \
         cache_key(m, method="pca", library="numpy", params={}, seed=0)
     (tmp_path / "index" / files[0]).write_bytes(b"not an npy file")  # a damaged cache is recomputed, not trusted

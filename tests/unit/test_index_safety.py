@@ -156,7 +156,7 @@ def test_serve_answers_from_one_generation_and_picks_up_the_next(photos, tmp_pat
     index_folder(photos, tiny_encoder, out, options=OPTS)
     searcher = Searcher(encoder=tiny_encoder, store=IndexStore.open(out))
     old_store = searcher.store
-    with TestClient(create_app({"p": searcher})) as client:
+    with TestClient(create_app({"p": searcher}), base_url="http://127.0.0.1") as client:
         assert client.get("/api/indexes").json()["indexes"][0]["count"] == len(folder_fixture.GOOD)
         assert client.get("/api/search", params={"q": "dog", "k": 3}).status_code == 200
         Image.fromarray(folder_fixture.noise(rng, 16, 16)).save(photos / "zzz-new.png")
@@ -191,7 +191,7 @@ def test_a_full_disk_is_one_line_and_the_previous_index_stays(small_disk, cifar_
     assert main([*base, "--limit", "20"]) == 0  # 20 thumbnails + vectors fit in 256 KiB
     capsys.readouterr()
     gen, before = index_files(out), tree(index_files(out))
-    err = one_line(capsys, main(base), f"not enough disk space in {out}: this index needs about ")  # 200 do not
+    err = one_line(capsys, main([*base, "--rebuild"]), f"not enough disk space in {out}: this index needs about ")  # 200 do not
     assert "MB free" in err and "unchanged" in err
     assert index_files(out) == gen and tree(gen) == before and len(IndexStore.open(out)) == 20
     assert not list(out.rglob("*.partial.npy"))  # the attempt's space is given back
@@ -209,11 +209,11 @@ def test_an_injected_write_failure_is_one_line_and_damages_nothing(where, cifar_
 
     monkeypatch.setattr(writer, "_pwrite_all" if where == "vectors" else "write_items", full)
     with pytest.raises(StoreSpaceError, match=f"not enough disk space in {out}") as info:
-        index_labeled(cifar_test, tiny_encoder, out, batch_size=50, progress=False)  # float32 now: a new build
+        index_labeled(cifar_test, tiny_encoder, out, batch_size=50, progress=False, rebuild=True)  # float32: new
     assert "\n" not in str(info.value) and info.value.folder == str(out)
     assert index_files(out) == gen and tree(gen) == before
     monkeypatch.undo()
-    index_labeled(cifar_test, tiny_encoder, out, batch_size=50, progress=False)  # space again: it completes
+    index_labeled(cifar_test, tiny_encoder, out, batch_size=50, progress=False, rebuild=True)  # space again
     assert IndexStore.open(out).manifest.dtype == "float32"
 
 

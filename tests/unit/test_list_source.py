@@ -88,7 +88,7 @@ def test_a_list_index_serves_its_images(catalogue, tmp_path, tiny_encoder):
     out = tmp_path / "idx"
     result = index_source(open_source("list", path=_write(catalogue, "jsonl")), tiny_encoder, out)
     assert result.embedded == 3 and result.manifest.count == 3
-    with TestClient(create_app({"c": Searcher(encoder=tiny_encoder, store=IndexStore.open(out))})) as client:
+    with TestClient(create_app({"c": Searcher(encoder=tiny_encoder, store=IndexStore.open(out))}), base_url="http://127.0.0.1") as client:
         r = client.get("/api/items/0/image")
         assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
         assert client.get("/api/indexes").json()["indexes"][0]["source"] == "list"
@@ -100,4 +100,4 @@ def test_a_list_index_and_a_folder_index_do_not_mix(catalogue, tmp_path, tiny_mo
     assert main(["index", str(catalogue), *common]) == 0
     capsys.readouterr()
     assert main(["index", "list", str(_write(catalogue, "csv")), *common]) == 2
-    assert "holds a folder index, not a list index" in capsys.readouterr().err
+    assert "holds an image-folder index: choose another --index-dir, or pass --force" in capsys.readouterr().err

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from test_evaluate import run
 
+from cliplens.manifest import SourceInfo
 from cliplens.report import build_sections, render_markdown, weights_warning, write_report
 
 
@@ -21,8 +22,10 @@ def report(tmp_path):
 
 def as_b32(report, top1: float | None = None):
     """The same numbers, labelled as ViT-B/32 openai on CIFAR-100 with the 18 templates (and optionally low)."""
-    manifest = {**report.manifest, "model": {**report.manifest["model"], "name": "ViT-B-32-quickgelu",
-                                             "pretrained": "openai"}, "source": {"name": "cifar100", "split": "test"}}
+    manifest = dataclasses.replace(report.manifest,
+                                   model=dataclasses.replace(report.manifest.model, name="ViT-B-32-quickgelu",
+                                                             pretrained="openai"),
+                                   source=SourceInfo(name="cifar100", split="test"))
     rows = tuple({**z, "templates": "cifar100" if z["templates"] == "two.txt" else z["templates"],
                   **({"top1": top1} if top1 is not None else {})} for z in report.zero_shot)
     return dataclasses.replace(report, manifest=manifest, zero_shot=rows)

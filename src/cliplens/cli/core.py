@@ -10,7 +10,7 @@ from pathlib import Path
 
 from cliplens._files import cliplens_home
 from cliplens._safe import printable
-from cliplens.errors import CliplensError, QueryError
+from cliplens.errors import CliplensError
 
 INDEX_DIR_HELP = "the index folder (default $CLIPLENS_INDEX_DIR, else $CLIPLENS_HOME/indexes/cifar100-test)"
 CASE_STUDIES = ("tractor", "tulip", "seal", "telephone")  # CIFAR-100 classes 89, 92, 72, 86
@@ -241,22 +241,20 @@ def text_only_encoder(args, manifest: dict, *, prepack: bool = False):
     None when the flags ask for another model or a GPU, or when the cache is not built yet. ``prepack``: for a
     process that answers many queries (slower to open, faster per query).
     """
-    from types import SimpleNamespace
-
     from cliplens.textonly import open_cached
 
-    built = manifest.get("model") or {}
-    if (args.model and args.model != built.get("name")) or getattr(args, "device", "auto") not in ("auto", "cpu"):
+    built = manifest.model
+    if (args.model and args.model != built.name) or getattr(args, "device", "auto") not in ("auto", "cpu"):
         return None
-    if args.pretrained and args.pretrained != built.get("pretrained"):
+    if args.pretrained and args.pretrained != built.pretrained:
         return None
     if args.weights is not None:
         from cliplens._files import cached_sha256
 
         path = Path(args.weights).expanduser()
-        if not path.is_file() or cached_sha256(path) != built.get("weights_sha256"):
+        if not path.is_file() or cached_sha256(path) != built.weights_sha256:
             return None
-    return open_cached(SimpleNamespace(**built), prepack=prepack)
+    return open_cached(built, prepack=prepack)
 
 
 def _text_query(args) -> bool:

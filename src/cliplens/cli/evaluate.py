@@ -160,7 +160,7 @@ def cmd_probe(args) -> int:
     for store, flag in ((train, "--index-dir"), (test, "--eval-index-dir")):
         if not store.has_labels:
             raise CliplensError(f"{flag} {store.root} has no labels: the probe needs labelled indexes")
-    if train.root.resolve() == test.root.resolve() or train.manifest.get("identity") == test.manifest.get("identity"):
+    if train.root.resolve() == test.root.resolve() or train.manifest.identity == test.manifest.identity:
         raise CliplensError("--index-dir and --eval-index-dir are the same index: a probe tested on its own training "
                             "data measures nothing; index the train split for --index-dir and the test split for "
                             "--eval-index-dir")

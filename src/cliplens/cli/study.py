@@ -99,7 +99,7 @@ def cmd_fewshot(args) -> int:
     class_emb = _classifier(args, test, encoder)
     result = run_fewshot(train.embeddings, train.labels, np.asarray(test.embeddings), test.labels, class_emb,
                          num_classes=len(test.class_names), config=config)
-    result.update(train_index=str(train.root), test_index=str(test.root), model=test.manifest["model"],
+    result.update(train_index=str(train.root), test_index=str(test.root), model=test.manifest.model.to_json(),
                   templates=args.templates)
     lines = [f"few-shot on {result['num_test']} test images, shots from {result['num_train']} train images "
              f"({result['seeds']} seeds, {result['seconds']:.1f} s)", _text_table(fewshot_table(result)),
@@ -137,7 +137,7 @@ def cmd_suspects(args) -> int:
             "neighbours": names[r["neighbour_pred"][i]]} for i in r["ranked"]]
     result = {"index": str(store.root), "count": len(store), "flagged": len(sus), "flagged_share": len(sus) / len(store),
               "neighbours": r["neighbours"], "neighbours_from": r["neighbours_from"], "suspects": sus,
-              "published": list(PUBLISHED), "model": store.manifest["model"],
+              "published": list(PUBLISHED), "model": store.manifest.model.to_json(),
               "score_note": "score: self-confidence p[label], p = (zero-shot softmax + neighbour label share) / 2; "
                             f"flagged when both the zero-shot prediction and the {r['neighbours']}-neighbour vote "
                             f"({r['neighbours_from']}) disagree with the label; lowest score first."}

@@ -62,13 +62,13 @@ def cmd_calibrate(args) -> int:
     encoder = _encoder(args, store)
     prompts = [wrap_query(english_classname(n), args.template) for n in store.class_names]
     result = calibrate(store.embeddings, store.labels, encoder.encode_texts(prompts), target=args.target)
-    result.update(template=args.template, index=str(store.root), model=store.manifest["model"])
+    result.update(template=args.template, index=str(store.root), model=store.manifest.model.to_json())
     lines = []
     if result["threshold"] is None:
         lines.append(f"no cosine threshold reaches precision {args.target:g} for class-name queries with template "
                      f"{args.template!r}; nothing recorded")
     else:
-        path = record(store.manifest["model"], args.template, result, index=str(store.root))
+        path = record(store.manifest.model, args.template, result, index=str(store.root))
         result["recorded"] = str(path)
         lines += [f"calibrated threshold {result['threshold']:.4f}: precision {result['precision']:.3f}, recall "
                   f"{result['recall']:.3f} over {result['queries']} class queries x {result['items']} images",
@@ -83,7 +83,7 @@ def resolve_min_score(value, searcher, template: str | None):
         return value
     from cliplens.calibrate import lookup
 
-    return float(lookup(searcher.store.manifest["model"], template or "a photo of a {}.")["threshold"])
+    return float(lookup(searcher.store.manifest.model, template or "a photo of a {}.")["threshold"])
 
 
 def min_score_arg(text: str):

@@ -31,8 +31,7 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".
 # PIL plugins allowed to open a file: the formats above (MPO: multi-picture camera JPEGs, in older Pillows).
 PIL_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 DEFAULT_MAX_MEGAPIXELS = 100.0
-SIDECAR_MAX_BYTES = 1 << 20
-_ORIENTATION = 0x0112  # the EXIF orientation tag  # a caption file larger than 1 MiB is not a caption
+_ORIENTATION = 0x0112  # the EXIF orientation tag
 _CHUNK = 1 << 20
 
 
@@ -171,7 +170,7 @@ def _open(source: str | Path | BinaryIO):
     Image.init()  # register every plugin (once): ``formats`` names plugins that open() would load lazily
     try:
         return Image.open(source, formats=[f for f in PIL_FORMATS if f in Image.OPEN])
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # Over PIL's guard (the warning only arrives as an exception when warnings are errors, as in tests).
         raise ImageTooLarge("the header claims more pixels than PIL's decompression-bomb limit") from None
     except UnidentifiedImageError:

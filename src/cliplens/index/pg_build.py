@@ -170,7 +170,7 @@ def meta_row(store, *, table: str, index_kind: str, index_params: dict, columns:
     return {"store_key": store_key(store), "count": len(store), "dim": store.dim, "vector_type": vector_type,
             "columns": columns, "index_kind": index_kind, "index_params": index_params, "table": table,
             "built": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cliplens_version": __version__,
-            "created": store.manifest.get("created")}
+            "created": store.manifest.created}
 
 
 def meta_json(meta: dict) -> str:

@@ -77,12 +77,10 @@ def study_router(*, indexes, searcher_for, services, run, max_query_chars: int =
     @router.get("/api/study/compare")
     async def study_compare(q: str = Query(..., min_length=1, max_length=max_query_chars),
                             k: int = Query(10, ge=1, le=100)):
-        from cliplens.report import model_label
-
         rows = []
         for name, searcher in indexes.items():
             result = await run(name, parse_query(q, allow_paths=False), k, query=q)
-            rows.append({"model": model_label(searcher.store.manifest["model"]), **result})
+            rows.append({"model": searcher.store.manifest.model.short_label(), **result})
         return {"query": q, "k": k, "rows": rows}
 
     @router.get("/api/study/calibration")
@@ -92,7 +90,7 @@ def study_router(*, indexes, searcher_for, services, run, max_query_chars: int =
 
         name, searcher = searcher_for(index)
         try:
-            entry = lookup(searcher.store.manifest["model"], template)
+            entry = lookup(searcher.store.manifest.model, template)
         except CliplensError as exc:
             raise ApiError(404, str(exc)) from None
         return {"index": name, "template": template, "threshold": entry["threshold"],
