@@ -105,7 +105,7 @@ class IndexStore:
                 if done:
                     raise StoreError(f"index at {root} is incomplete ({done} images embedded): "
                                      "run the same `cliplens index` command again to resume it")
-                if builds(root):
+                if builds(root) or (root / PARTIAL).exists():  # (PARTIAL: what a format-1 build left at the top)
                     raise StoreError(f"index at {root} is unfinished (an indexing run stopped before it completed): "
                                      "run the same `cliplens index` command again to finish it")
                 raise StoreError(f"{root} is not a cliplens index (no {MANIFEST}): build one with `cliplens index`")

@@ -60,14 +60,12 @@ ARGV = [  # command lines that must be refused before any work, with part of the
 
 @pytest.mark.parametrize("argv,message", ARGV)
 def test_bad_command_lines(tiny_index, capsys, argv, message, monkeypatch):
-    import cliplens.cli.core as core
+    import cliplens.cli.common as common
 
     root = tiny_index
     before = sorted(p.name for p in root.iterdir())
-    monkeypatch.setattr(core, "load_model", lambda *a, **k: pytest.fail("a model was loaded for a refused command"))
-    import cliplens.cli.study as study
-
-    monkeypatch.setattr(study, "load_model", core.load_model)
+    # every command loads its model through cliplens.cli.common.load_model
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: pytest.fail("a model was loaded for a refused command"))
     assert main([a.replace("{i}", str(root)) for a in argv]) == 2
     err = capsys.readouterr().err.strip()
     assert message in err and "\n" not in err and "Traceback" not in err

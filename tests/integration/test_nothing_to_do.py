@@ -15,12 +15,12 @@ from cliplens.cli import main
 @pytest.fixture
 def no_model(monkeypatch):
     """Loading a model fails loudly: a run that passes never loaded one."""
-    import cliplens.cli.core as core
+    import cliplens.cli.common as common
 
     def refuse(*a, **k):
         raise AssertionError("the model was loaded")
 
-    monkeypatch.setattr(core, "load_model", refuse)
+    monkeypatch.setattr(common, "load_model", refuse)
 
 
 def _index(capsys, *argv):
@@ -42,11 +42,11 @@ def test_unchanged_folder_needs_no_model_and_changes_do(folder, tiny_model, tmp_
     first = _index(capsys, photos, "--index-dir", idx, "--model", tiny_model)
     good, bad = len(folder_fixture.GOOD), len(folder_fixture.BAD)
     assert first.strip() == f"{photos}: {good} added, 0 updated, 0 removed, 0 reused, {bad} skipped (0 unchanged; {good} images in {idx})"
-    import cliplens.cli.core as core
+    import cliplens.cli.common as common
 
-    real = core.load_model
+    real = common.load_model
     calls = []
-    monkeypatch.setattr(core, "load_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = _index(capsys, photos, "--index-dir", idx, "--model", tiny_model)
     assert calls == []  # decided without the model, and it says what the full path says for an unchanged folder
     assert again.strip() == f"{photos}: 0 added, 0 updated, 0 removed, 0 reused, {bad} skipped ({good} unchanged; {good} images in {idx})"
@@ -70,11 +70,11 @@ def test_unchanged_cifar_split_needs_no_model(cifar_root, tiny_model, tmp_path, 
     idx = tmp_path / "idx"
     argv = ("cifar100", "--data-dir", cifar_root, "--no-verify", "--index-dir", idx, "--model", tiny_model)
     _index(capsys, *argv, "--batch-size", 16)
-    import cliplens.cli.core as core
+    import cliplens.cli.common as common
 
-    real = core.load_model
+    real = common.load_model
     calls = []
-    monkeypatch.setattr(core, "load_model", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(common, "load_model", lambda *a, **k: calls.append(1) or real(*a, **k))
     for extra in ((), ("--batch-size", 16)):
         out = _index(capsys, *argv, *extra)
         assert "already complete (200 images), nothing to do" in out and calls == []

@@ -245,7 +245,7 @@ def test_killed_at_the_switch_resumes_without_re_embedding(cifar_test, tiny_enco
 
 def test_an_unchanged_source_is_not_re_embedded_and_loads_no_model(photos, tmp_path, tiny_model, cifar_root,
                                                                    monkeypatch, capsys):
-    import cliplens.cli.core as core
+    import cliplens.cli.common as common
 
     folder_out, cifar_out = tmp_path / "folder", tmp_path / "cifar"
     cifar = ["index", "cifar100", "--data-dir", str(cifar_root), "--no-verify", "--index-dir", str(cifar_out),
@@ -258,7 +258,7 @@ def test_an_unchanged_source_is_not_re_embedded_and_loads_no_model(photos, tmp_p
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded although nothing had changed")
 
-    monkeypatch.setattr(core, "load_model", no_model)
+    monkeypatch.setattr(common, "load_model", no_model)
     assert main(_cli(tiny_model, photos, "--index-dir", folder_out)) == 0
     assert main(cifar) == 0
     out = capsys.readouterr().out

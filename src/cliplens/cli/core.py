@@ -2,64 +2,27 @@
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 from collections import Counter
 from pathlib import Path
 
 from cliplens._files import cliplens_home
 from cliplens._safe import printable
+from cliplens.cli import common
+from cliplens.cli.common import (  # noqa: F401  (importable from here as before)
+    INDEX_DIR_HELP,
+    add_model_flags,
+    cosine_float,
+    default_index_dir,
+    model_choice,
+    positive_int,
+)
 from cliplens.errors import CliplensError
 
-INDEX_DIR_HELP = "the index folder (default $CLIPLENS_INDEX_DIR, else $CLIPLENS_HOME/indexes/cifar100-test)"
 CASE_STUDIES = ("tractor", "tulip", "seal", "telephone")  # CIFAR-100 classes 89, 92, 72, 86
 
 
-# --------------------------------------------------------------------------- shared flags
-
-
-def default_index_dir(name: str = "cifar100-test") -> Path:
-    return Path(os.environ.get("CLIPLENS_INDEX_DIR") or cliplens_home() / "indexes" / name)
-
-
-def add_model_flags(p: argparse.ArgumentParser, *, for_query: bool = False) -> None:
-    g = p.add_argument_group("model")
-    default_note = " (default: the index's own model)" if for_query else ""
-    g.add_argument("--model", default=None, help=f"open_clip model name{default_note or ' (default ViT-B-32-quickgelu)'}")
-    g.add_argument("--pretrained", default=None, help=f"pretrained tag{default_note or ' (default openai)'}")
-    g.add_argument("--weights", type=Path, default=None, help="a local checkpoint file instead of the tag")
-    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
-                   help="where the model runs; auto picks cuda, then mps, then cpu")
-    g.add_argument("--precision", default="exact", choices=["exact", "fast"],
-                   help="exact (default): fp32, the reference's answers; fast: bf16 or int8 image tower and fp32 "
-                        "text tower in ONNX Runtime where available (mean cosine >= 0.999; docs/performance.md)")
-
-
-def model_choice(args, manifest=None) -> tuple[str, str, Path | None]:
-    """(model name, pretrained tag, weights file) from the flags, falling back to the model an index was built
-    with (a ``Manifest``)."""
-    from cliplens.encoder import DEFAULT_MODEL, DEFAULT_PRETRAINED
-
-    built = manifest.model if manifest is not None else None
-    name = args.model or (built.name if built else None) or DEFAULT_MODEL
-    weights = args.weights
-    if (weights is None and args.pretrained is None and not args.model and built and not built.pretrained
-            and ":" not in name):
-        weights = built.weights_path  # the index was built from a file: use that file again
-        if weights is None:
-            raise CliplensError("this index was built with random weights; pass --weights or --pretrained")
-    pretrained = args.pretrained or (built.pretrained if built and not args.model else None) or DEFAULT_PRETRAINED
-    return name, pretrained, weights
-
-
-def load_model(args, manifest=None):
-    """Build the encoder from flags, falling back to the model an index was built with."""
-    from cliplens.encoder import load_encoder
-
-    name, pretrained, weights = model_choice(args, manifest)
-    return load_encoder(name, pretrained, weights=weights, device=args.device,
-                        precision=getattr(args, "precision", "exact"))
+# --------------------------------------------------------------------------- index
 
 
 def check_cifar_inputs(args, source: str) -> None:
@@ -99,7 +62,7 @@ def index_cifar(args, source: str, *, engine=None):
     done = labeled_complete(index_dir, data, args) if engine is None else None  # before any model loads
     if done is not None:
         return index_dir, None, IndexResult(done, 0, resumed_from=done.count)
-    encoder = lazy_model(args, index_dir)  # loads only if something must be embedded
+    encoder = common.lazy_model(args, index_dir)  # loads only if something must be embedded
     options = IndexOptions(batch_size=args.batch_size, dtype=getattr(args, "dtype", "float32"),
                            checkpoint_every=getattr(args, "checkpoint_every", 4), progress=not args.quiet,
                            rebuild=args.rebuild or getattr(args, "force", False))
@@ -108,42 +71,6 @@ def index_cifar(args, source: str, *, engine=None):
     except IndexExistsError as exc:
         raise CliplensError(f"{exc}: pass --rebuild to replace it, or give another --index-dir") from None
     return index_dir, encoder, result
-
-
-def lazy_model(args, index_dir):
-    """The encoder the flags ask for, loaded only when something must be embedded: when the index in
-    ``index_dir`` records that same model, its identity comes from the manifest (see cliplens.indexing.lazy)."""
-    from cliplens.encoder import DEFAULT_MODEL, DEFAULT_PRETRAINED
-    from cliplens.indexing.lazy import LazyEncoder, same_request
-    from cliplens.store import read_current_manifest
-
-    current = read_current_manifest(index_dir)
-    name = args.model or DEFAULT_MODEL
-    pretrained = None if args.weights else (args.pretrained or DEFAULT_PRETRAINED)
-    known = current is not None and same_request(current.model, name=name, pretrained=pretrained,
-                                                 weights=args.weights, precision=getattr(args, "precision", "exact"))
-    return LazyEncoder(lambda: load_model(args), info=current.model if known else None)
-
-
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def cosine_float(text: str) -> float:
-    """A cosine similarity from the command line: a finite number in -1..1 (so not "nan", which drops nothing)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number from -1 to 1, got {text!r}") from None
-    if not -1.0 <= value <= 1.0:  # False for nan as well
-        raise argparse.ArgumentTypeError(f"must be a number from -1 to 1, got {text!r}")
-    return value
 
 
 def check_index_kind(index_dir: Path, *, kind: str | None, force: bool) -> None:
@@ -202,7 +129,7 @@ def cmd_index(args) -> int:
                                max_megapixels=args.max_megapixels, rebuild=args.rebuild or args.force,
                                replace_other=args.force)
         try:
-            result = index_source(source, lazy_model(args, index_dir), index_dir, engine=engine, options=options)
+            result = index_source(source, common.lazy_model(args, index_dir), index_dir, engine=engine, options=options)
         except IndexExistsError as exc:
             raise CliplensError(f"{exc}: pass --rebuild to replace it, or give another --index-dir") from None
     if result.summary is not None:  # a folder or a list: what changed
@@ -232,7 +159,7 @@ def open_searcher(args, *, text_only: bool = False):
     store = IndexStore.open(args.index_dir or default_index_dir())
     index = open_backend(store, args) if hasattr(args, "backend") else None
     encoder = text_only_encoder(args, store.manifest) if text_only else None
-    return Searcher(encoder=encoder or load_model(args, store.manifest), store=store, index=index), index
+    return Searcher(encoder=encoder or common.load_model(args, store.manifest), store=store, index=index), index
 
 
 def text_only_encoder(args, manifest: dict, *, prepack: bool = False):
@@ -387,7 +314,7 @@ def cmd_demo(args) -> int:
 
     args.split = "test"
     index_dir, encoder, result = index_cifar(args, "cifar100")
-    encoder = encoder or load_model(args)  # None when the index was already complete: nothing needed it yet
+    encoder = encoder or common.load_model(args)  # None when the index was already complete: nothing needed it yet
     if result.embedded:
         ips = result.embedded / result.seconds if result.seconds > 0 else 0.0
         print(f"indexed {result.embedded} CIFAR-100 test images ({ips:.1f} img/s) -> {index_dir}")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cliplens.cli.core import add_model_flags, default_index_dir, load_model
+from cliplens.cli import common
+from cliplens.cli.common import add_model_flags, default_index_dir
 from cliplens.errors import CliplensError
 
 
@@ -64,7 +65,7 @@ def cmd_evaluate(args) -> int:
         text_cache=not args.no_text_cache, text_cache_dir=args.text_cache_dir, progress=not args.quiet,
         retrieval_depth=args.retrieval_depth,
     )
-    encoder = load_model(args, store.manifest)
+    encoder = common.load_model(args, store.manifest)
     captions = evaluate_captions(store, encoder)  # None unless the index has captions
     if store.has_labels:
         report = evaluate_index(store, encoder, config, index=index, index_label=backend_label(args, index))
@@ -174,7 +175,7 @@ def cmd_probe(args) -> int:
            "train_embedding": train.manifest.stats, "model": dict(train.manifest.model.__dict__)}
     zs = None
     if not args.no_zero_shot:
-        encoder = load_model(args, test.manifest)
+        encoder = common.load_model(args, test.manifest)
         test.check_model(encoder.info)
         try:
             templates = load_templates(args.templates)

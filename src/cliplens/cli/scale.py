@@ -16,8 +16,8 @@ import argparse
 import time
 from pathlib import Path
 
-from cliplens.cli.core import positive_int
-from cliplens.index.backends import BACKENDS
+from cliplens.cli.common import positive_int
+from cliplens.index.registry import REGISTRY, owners, spec
 
 
 # --------------------------------------------------------------------------- flags
@@ -26,7 +26,8 @@ from cliplens.index.backends import BACKENDS
 def add_backend_flags(p: argparse.ArgumentParser, *, default: str | None = "exact", required: bool = False) -> None:
     g = p.add_argument_group("index backend")
     g.add_argument("--backend", default=default, required=required, metavar="NAME",
-                   help=f"vector index: {', '.join(BACKENDS)} (default {default or 'none'})")
+                   help="vector index: " + "; ".join(f"{s.name}: {s.summary}" for s in REGISTRY.values())
+                        + f" (default {default or 'none'})")
     g.add_argument("--faiss-index", default=None, metavar="FACTORY",
                    help='FAISS factory string, e.g. Flat, HNSW32, "IVF4096,PQ64" (building: default HNSW32; '
                         "searching: default the one FAISS index built for this folder)")
@@ -65,27 +66,26 @@ def add_build_flags(p: argparse.ArgumentParser) -> None:
 
 
 def check_build_flags(args) -> None:
-    """Refuse build settings the chosen backend would not use, before anything slow runs."""
+    """Refuse build settings the chosen backend would not use, before anything slow runs (the registry says which
+    backend takes which flag)."""
     from cliplens.errors import BackendError
 
-    name = (getattr(args, "backend", None) or "exact").strip().lower()
-    pg = [f for f, v in (("--pg-index", getattr(args, "pg_index", None)), ("--pg-m", getattr(args, "pg_m", None)),
-                         ("--pg-lists", getattr(args, "pg_lists", None))) if v is not None]
-    if pg and name != "pgvector":
-        raise BackendError(f"{pg[0]} sets how a pgvector table is indexed, not the {name} backend: "
-                           "use it with --backend pgvector")
-    ef = getattr(args, "ef_construction", None)
-    if ef is None:
+    chosen = spec(getattr(args, "backend", None))
+    given = {o.dest: o.flag for s in REGISTRY.values() for o in s.build if getattr(args, o.dest, None) is not None}
+    for dest, flag in given.items():
+        if dest not in {o.dest for o in chosen.build}:
+            takers = owners(dest, build=True)
+            what = ("a pgvector table is indexed" if takers == ["pgvector"] else
+                    "an HNSW index is built" if dest == "ef_construction" else f"a {takers[0]} index is built")
+            raise BackendError(f"{flag} sets how {what}, not the {chosen.name} backend: use it with "
+                               + " or ".join(f"--backend {t}" + (" --faiss-index HNSW32" if t == "faiss" else "")
+                                             for t in takers))
+    if getattr(args, "ef_construction", None) is None:
         return
-    if name == "pgvector":
-        if (getattr(args, "pg_index", None) or "hnsw") != "hnsw":
-            raise BackendError(f"--ef-construction applies to HNSW indexes, not --pg-index {args.pg_index}: "
-                               "use --pg-index hnsw, or drop --ef-construction")
-        return
-    if name != "faiss":
-        raise BackendError(f"--ef-construction sets how an HNSW index is built, not the {name} backend: "
-                           "use it with --backend faiss --faiss-index HNSW32 or --backend pgvector")
-    if "HNSW" not in (args.faiss_index or "HNSW32").upper():
+    if chosen.name == "pgvector" and (getattr(args, "pg_index", None) or "hnsw") != "hnsw":
+        raise BackendError(f"--ef-construction applies to HNSW indexes, not --pg-index {args.pg_index}: "
+                           "use --pg-index hnsw, or drop --ef-construction")
+    if chosen.name == "faiss" and "HNSW" not in (args.faiss_index or "HNSW32").upper():
         raise BackendError(f"--ef-construction applies to HNSW indexes, not {args.faiss_index!r}: "
                            'use an HNSW factory string such as "HNSW32", or drop --ef-construction')
 
@@ -100,38 +100,18 @@ def add_engine_flags(p: argparse.ArgumentParser) -> None:
 
 def backend_options(args, *, build: bool = False) -> dict:
     """The options of ``args.backend`` taken from the flags (only those that backend understands)."""
-    name = (getattr(args, "backend", None) or "exact").lower()
-    quiet = getattr(args, "quiet", False)
-    if name == "faiss":
-        factory = args.faiss_index or ("HNSW32" if build else None)  # searching: the one built, if only one
-        opts = {"factory": factory, "ef_search": args.ef_search, "nprobe": args.nprobe}
-        if build:
-            opts.update(train_size=getattr(args, "train_size", None), progress=not quiet,
-                        ef_construction=getattr(args, "ef_construction", None))
-    elif name == "milvus":
-        opts = {"uri": args.milvus_uri, "collection": args.milvus_collection}
-        if build:
-            opts.update(progress=not quiet)
-    elif name == "pgvector":
-        opts = {"uri": args.pg_uri, "table": args.pg_table, "ef_search": args.ef_search, "probes": args.nprobe,
-                "scan": getattr(args, "pg_scan", None)}
-        if build:
-            opts.update(index=getattr(args, "pg_index", None), m=getattr(args, "pg_m", None),
-                        lists=getattr(args, "pg_lists", None),
-                        ef_construction=getattr(args, "ef_construction", None), progress=not quiet)
-    else:
-        opts = {}
-    return {k: v for k, v in opts.items() if v is not None}
+    return spec(getattr(args, "backend", None)).options(vars(args), build=build,
+                                                        progress=not getattr(args, "quiet", False))
 
 
 def open_backend(store, args):
     """The vector index ``--backend`` names, over ``store`` (None for the default exact index)."""
     from cliplens.index.backends import open_index
 
-    name = getattr(args, "backend", None) or "exact"
-    if name.lower() == "exact":
+    chosen = spec(getattr(args, "backend", None))
+    if chosen.module is None:
         return None
-    return open_index(store, name, **backend_options(args))
+    return open_index(store, chosen.name, **backend_options(args))
 
 
 def build_backend(store, args) -> tuple[object, float]:
@@ -154,58 +134,29 @@ def engine_for(args):
     return RayEngine(RayOptions(address=args.ray_address, actors=args.ray_actors))
 
 
-def engine_embed_fn(args):
-    """``embed_fn`` (an engine's ``embed_into``) for :func:`cliplens.embed.index_labeled`, or None (local)."""
-    engine = engine_for(args)
-    return engine.embed_into if engine is not None else None
-
-
 def backend_settings(args, index) -> dict:
     """What ranked the hits, for ``search --json``: the backend's name and, for approximate ones, its settings."""
-    name = (getattr(args, "backend", None) or "exact").lower()
-    if name == "faiss":
-        knobs = {"ef_search": args.ef_search, "nprobe": args.nprobe}
-        return {"name": "faiss", "index": index.factory, **{k: v for k, v in knobs.items() if v}}
-    if name == "milvus":
-        return {"name": "milvus", "collection": index.collection}
-    if name == "pgvector":
-        knobs = {"ef_search": args.ef_search, "probes": args.nprobe}
-        return {"name": "pgvector", "table": index.table, "index": index.kind, **{k: v for k, v in knobs.items() if v}}
-    return {"name": "exact"}
+    chosen = spec(getattr(args, "backend", None))
+    if index is None:
+        return {"name": chosen.name}
+    return {"name": chosen.name, **index.settings(), **chosen.knobs(vars(args))}
 
 
 def backend_label(args, index) -> str:
     """A short name for the backend ``open_backend`` returned, e.g. "faiss HNSW32 (efSearch 64)"."""
-    settings = backend_settings(args, index)
-    name = settings.pop("name")
-    words = {"ef_search": "efSearch", "nprobe": "nprobe", "probes": "probes"}
-    knobs = ", ".join(f"{words[k]} {v}" for k, v in settings.items() if k in words)
-    if name == "faiss":
-        return f"faiss {settings['index']}" + (f" ({knobs})" if knobs else "")
-    if name == "pgvector":
-        return f"pgvector {settings['table']} ({settings['index']}{', ' + knobs if knobs else ''})"
-    return " ".join([name, *map(str, settings.values())])
+    chosen = spec(getattr(args, "backend", None))
+    if index is None or chosen.label is None:
+        return chosen.name
+    return chosen.label(backend_settings(args, index), chosen.describe_knobs(vars(args)))
 
 
 def describe_backend(store, args, index) -> str:
-    name = (args.backend or "exact").lower()
-    if name == "faiss":
-        ef = getattr(args, "ef_construction", None)
-        return f"FAISS {index.factory}{f' (efConstruction {ef})' if ef else ''} ({index.paths[0]})"
-    if name == "milvus":
-        return f"Milvus collection {index.collection} ({index.uri})"
-    if name == "pgvector":
-        c = getattr(index, "sync_counts", {})
-        changes = f"; {c['inserted']} inserted, {c['updated']} updated, {c['deleted']} deleted" if c else ""
-        params = ", ".join(f"{k} {v}" for k, v in index.meta.get("index_params", {}).items())
-        return (f"pgvector table {index.table} ({index.kind}{', ' + params if params else ''}{changes}) at "
-                f"{index.target.shown}")
-    return "exact numpy index (nothing to build)"
+    return index.describe()
 
 
 def build_after_index(args, index_dir) -> None:
     """``cliplens index ... --backend NAME``: build that backend once the store is complete."""
-    if (args.backend or "exact").lower() == "exact":
+    if spec(args.backend).module is None:
         return
     from cliplens.store import IndexStore
 
@@ -218,7 +169,7 @@ def build_after_index(args, index_dir) -> None:
 
 
 def cmd_build_index(args) -> int:
-    from cliplens.cli.core import default_index_dir
+    from cliplens.cli.common import default_index_dir
     from cliplens.store import IndexStore
 
     check_build_flags(args)

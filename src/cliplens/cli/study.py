@@ -10,7 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-from cliplens.cli.core import add_model_flags, default_index_dir, load_model, positive_int
+from cliplens.cli import common
+from cliplens.cli.common import add_model_flags, default_index_dir, positive_int
 from cliplens.cli.evaluate import _floats
 from cliplens.errors import CliplensError
 
@@ -40,7 +41,7 @@ def _labelled(path, flag: str, command: str):
 
 
 def _encoder(args, store):
-    encoder = load_model(args, store.manifest)
+    encoder = common.load_model(args, store.manifest)
     store.check_model(encoder.info)
     return encoder
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from cliplens.cli.core import positive_int
+from cliplens.cli.common import positive_int
 from cliplens.cli.study import (_classifier, _emit, _encoder, _header, _labelled, _output_flags, _shots, _text_table,
                                 _zero_shot_flags, add_model_flags)
 from cliplens.errors import CliplensError
@@ -88,7 +88,7 @@ def resolve_min_score(value, searcher, template: str | None):
 
 def min_score_arg(text: str):
     """``--min-score``: a cosine from -1 to 1 (never nan, which would drop nothing) or ``calibrated``."""
-    from cliplens.cli.core import cosine_float
+    from cliplens.cli.common import cosine_float
 
     if text == "calibrated":
         return text

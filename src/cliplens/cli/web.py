@@ -32,7 +32,7 @@ def build_searchers(args) -> dict:
     ``--backend`` (default exact) opens that backend over each index (a FAISS index built beside each, or one
     Milvus collection per index folder unless ``--milvus-collection`` names one for a single index).
     """
-    from cliplens.cli.core import default_index_dir
+    from cliplens.cli.common import default_index_dir
     from cliplens.cli.scale import open_backend
     from cliplens.search import Searcher
     from cliplens.store import IndexStore
@@ -58,13 +58,14 @@ def serve_encoder(args, manifest: dict):
     """Text queries from the torch-free text tower (no torch at start-up), images from the full model when first
     asked for; the full model at once where there is no such tower (no ONNX Runtime, random weights, a GPU)."""
     from cliplens import textonly
-    from cliplens.cli.core import load_model, text_only_encoder
+    from cliplens.cli import common
+    from cliplens.cli.core import text_only_encoder
     from cliplens.textfirst import TextFirstEncoder
 
     text = text_only_encoder(args, manifest, prepack=True)
     if text is not None:
-        return TextFirstEncoder(text, lambda: load_model(args, manifest))
-    full = load_model(args, manifest)
+        return TextFirstEncoder(text, lambda: common.load_model(args, manifest))
+    full = common.load_model(args, manifest)
     if getattr(args, "device", "auto") in ("auto", "cpu") and str(full.device) == "cpu" and textonly.build_cache(full):
         text = text_only_encoder(args, manifest, prepack=True)  # built now: the next start needs no torch
         if text is not None:
@@ -128,7 +129,7 @@ def _listen(host: str, port: int):
 
 
 def register(sub) -> None:
-    from cliplens.cli.core import add_model_flags
+    from cliplens.cli.common import add_model_flags
     from cliplens.cli.scale import add_backend_flags
 
     p = sub.add_parser("serve", help="web page + JSON API over one or more indexes",

@@ -1,5 +1,6 @@
 """Index backends by name: ``exact`` (numpy, the default and oracle), ``faiss`` (in process), ``milvus`` (a database),
-``pgvector`` (PostgreSQL + pgvector: a DSN, or an embedded server).
+``pgvector`` (PostgreSQL + pgvector: a DSN, or an embedded server); each is one line in
+:mod:`cliplens.index.registry`.
 
     build_index(store, "faiss", factory="HNSW32")   # builds and saves beside the store, returns the opened index
     open_index(store, "faiss", factory="HNSW32")    # opens what build_index saved (refused if built for another store)
@@ -21,9 +22,7 @@ import numpy as np
 from cliplens.errors import BackendError
 from cliplens.index.exact import ExactIndex
 
-BACKENDS = ("exact", "faiss", "milvus", "pgvector")
-_INSTALL = {"faiss": "pip install 'cliplens[faiss]'", "milvus": "pip install 'cliplens[milvus]'",
-            "pgvector": "pip install 'cliplens[pgvector]'"}
+from cliplens.index.registry import BACKENDS, spec  # noqa: F401  (the names, importable from here as before)
 
 
 # --------------------------------------------------------------------------- registry
@@ -40,28 +39,10 @@ def build_index(store, backend: str = "exact", **options):
 
 
 def _dispatch(backend: str, action: str) -> Callable:
-    name = (backend or "").strip().lower()
-    if name == "exact":
+    found = spec(backend)  # the registry (cliplens.index.registry) knows where each backend lives
+    if found.module is None:
         return _exact
-    if name == "faiss":
-        module = _import_backend("cliplens.index.faiss_index", "faiss")
-        return getattr(module.FaissIndex, action)
-    if name == "milvus":
-        module = _import_backend("cliplens.index.milvus_index", "milvus")
-        return getattr(module.MilvusIndex, action)
-    if name == "pgvector":
-        module = _import_backend("cliplens.index.pgvector_index", "pgvector")
-        return getattr(module.PgvectorIndex, action)
-    raise BackendError(f"unknown index backend {backend!r}: use one of {', '.join(BACKENDS)}")
-
-
-def _import_backend(module: str, extra: str):
-    import importlib
-
-    try:
-        return importlib.import_module(module)
-    except ImportError as exc:
-        raise BackendError(f"the {extra} backend needs {exc.name or extra}: {_INSTALL[extra]}") from None
+    return getattr(found.load(), action)
 
 
 def _exact(store, **options) -> "ExactBackend":
@@ -93,6 +74,12 @@ class ExactBackend(ExactIndex):
     def search(self, queries: np.ndarray, k: int, *, allowed: np.ndarray | None = None):
         mask = combine_masks(allowed, self.deleted, len(self.embeddings))
         return super().search(queries, k, allowed=mask)
+
+    def settings(self) -> dict:
+        return {}
+
+    def describe(self) -> str:
+        return "exact numpy index (nothing to build)"
 
 
 # --------------------------------------------------------------------------- shared helpers

@@ -158,6 +158,18 @@ class FaissIndex:
         return cls(index=index, store=store, factory=meta.get("factory", factory), paths=paths, ef_search=ef_search,
                    nprobe=nprobe, k_factor=k_factor)
 
+    def settings(self) -> dict:
+        """What ranks the hits, for ``--json`` and labels (the registry adds the per-query knobs)."""
+        return {"index": self.factory}
+
+    def describe(self) -> str:
+        """"FAISS HNSW32 (efConstruction 40) (INDEX_DIR/faiss/HNSW32.faiss)": what was built, read from the index."""
+        import faiss
+
+        hnsw = getattr(faiss.downcast_index(self.index), "hnsw", None)
+        ef = f" (efConstruction {hnsw.efConstruction})" if hnsw is not None else ""
+        return f"FAISS {self.factory}{ef} ({self.paths[0]})"
+
     # ---------------------------------------------------------------- queries
     def __len__(self) -> int:
         return int(self.index.ntotal - self.deleted.sum())

@@ -110,6 +110,12 @@ class MilvusIndex:
         self.columns = {c: store.items[c].astype(np.int64) for c in _LABEL_FIELDS if c in store.items}
         self.last_filter: str | None = None  # the filter expression of the latest search (what the database ran)
 
+    def settings(self) -> dict:
+        return {"collection": self.collection}
+
+    def describe(self) -> str:
+        return f"Milvus collection {self.collection} ({self.uri})"
+
     # ---------------------------------------------------------------- build / open
     @classmethod
     def build(cls, store, *, uri: str | None = None, collection: str | None = None, batch_size: int = 2000,

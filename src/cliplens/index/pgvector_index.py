@@ -89,6 +89,15 @@ class PgvectorIndex:
         if probes is not None and self.kind != "ivfflat":
             raise BackendError(f"probes (--nprobe) applies to IVFFlat tables, not {table} ({self.kind})")
 
+    def settings(self) -> dict:
+        return {"table": self.table, "index": self.kind}
+
+    def describe(self) -> str:
+        c = getattr(self, "sync_counts", {})
+        changes = f"; {c['inserted']} inserted, {c['updated']} updated, {c['deleted']} deleted" if c else ""
+        params = ", ".join(f"{k} {v}" for k, v in self.meta.get("index_params", {}).items())
+        return f"pgvector table {self.table} ({self.kind}{', ' + params if params else ''}{changes}) at {self.target.shown}"
+
     # ---------------------------------------------------------------- build / open
     @classmethod
     def build(cls, store, *, uri: str | None = None, table: str | None = None, index: str = "hnsw",

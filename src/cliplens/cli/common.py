@@ -1,0 +1,95 @@
+"""What every subcommand shares: the index-folder default, the model flags and how they become an encoder, and
+argument types. Subcommand modules import from here (never from each other's command modules), so ``cli.core``,
+``cli.scale``, ``cli.evaluate``, ``cli.study`` and ``cli.web`` form no import cycle. Commands load models through
+:func:`load_model` here (``common.load_model``), the one place a test replaces to prove no model loads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from cliplens._files import cliplens_home
+from cliplens.errors import CliplensError
+
+INDEX_DIR_HELP = "the index folder (default $CLIPLENS_INDEX_DIR, else $CLIPLENS_HOME/indexes/cifar100-test)"
+
+
+def default_index_dir(name: str = "cifar100-test") -> Path:
+    return Path(os.environ.get("CLIPLENS_INDEX_DIR") or cliplens_home() / "indexes" / name)
+
+
+def add_model_flags(p: argparse.ArgumentParser, *, for_query: bool = False) -> None:
+    g = p.add_argument_group("model")
+    default_note = " (default: the index's own model)" if for_query else ""
+    g.add_argument("--model", default=None, help=f"open_clip model name{default_note or ' (default ViT-B-32-quickgelu)'}")
+    g.add_argument("--pretrained", default=None, help=f"pretrained tag{default_note or ' (default openai)'}")
+    g.add_argument("--weights", type=Path, default=None, help="a local checkpoint file instead of the tag")
+    g.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"],
+                   help="where the model runs; auto picks cuda, then mps, then cpu")
+    g.add_argument("--precision", default="exact", choices=["exact", "fast"],
+                   help="exact (default): fp32, the reference's answers; fast: bf16 or int8 image tower and fp32 "
+                        "text tower in ONNX Runtime where available (mean cosine >= 0.999; docs/performance.md)")
+
+
+def model_choice(args, manifest=None) -> tuple[str, str, Path | None]:
+    """(model name, pretrained tag, weights file) from the flags, falling back to the model an index was built
+    with (a ``Manifest``)."""
+    from cliplens.encoder import DEFAULT_MODEL, DEFAULT_PRETRAINED
+
+    built = manifest.model if manifest is not None else None
+    name = args.model or (built.name if built else None) or DEFAULT_MODEL
+    weights = args.weights
+    if (weights is None and args.pretrained is None and not args.model and built and not built.pretrained
+            and ":" not in name):
+        weights = built.weights_path  # the index was built from a file: use that file again
+        if weights is None:
+            raise CliplensError("this index was built with random weights; pass --weights or --pretrained")
+    pretrained = args.pretrained or (built.pretrained if built and not args.model else None) or DEFAULT_PRETRAINED
+    return name, pretrained, weights
+
+
+def load_model(args, manifest=None):
+    """Build the encoder from flags, falling back to the model an index was built with."""
+    from cliplens.encoder import load_encoder
+
+    name, pretrained, weights = model_choice(args, manifest)
+    return load_encoder(name, pretrained, weights=weights, device=args.device,
+                        precision=getattr(args, "precision", "exact"))
+
+
+def lazy_model(args, index_dir):
+    """The encoder the flags ask for, loaded only when something must be embedded: when the index in
+    ``index_dir`` records that same model, its identity comes from the manifest (see cliplens.indexing.lazy)."""
+    from cliplens.encoder import DEFAULT_MODEL, DEFAULT_PRETRAINED
+    from cliplens.indexing.lazy import LazyEncoder, same_request
+    from cliplens.store import read_current_manifest
+
+    current = read_current_manifest(index_dir)
+    name = args.model or DEFAULT_MODEL
+    pretrained = None if args.weights else (args.pretrained or DEFAULT_PRETRAINED)
+    known = current is not None and same_request(current.model, name=name, pretrained=pretrained,
+                                                 weights=args.weights, precision=getattr(args, "precision", "exact"))
+    return LazyEncoder(lambda: load_model(args), info=current.model if known else None)
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def cosine_float(text: str) -> float:
+    """A cosine similarity from the command line: a finite number in -1..1 (so not "nan", which drops nothing)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number from -1 to 1, got {text!r}") from None
+    if not -1.0 <= value <= 1.0:  # False for nan as well
+        raise argparse.ArgumentTypeError(f"must be a number from -1 to 1, got {text!r}")
+    return value
