@@ -149,8 +149,7 @@ def _fast_encoders(sd, standin, backends: str) -> dict:
     out = {}
     auto = next((b for b in fast.AUTO_ORDER if b in fast.available_backends()), None)
     for name in names:
-        enc = sd.load_ours(standin, precision="exact")
-        fast.accelerate(enc, backend=name)
+        enc = sd.load_ours(standin, precision="fast", fast_backend=name)
         out["fast" if name == auto else f"fast-{name}"] = enc
     return out
 

@@ -167,7 +167,7 @@ def cifar_store(root: Path, work: Path, which: str, n: int = 10_000):
     spec = standin.prepare(work / "hf", which)
     folder = data.write_cifar100(work / "cifar", n) if not (work / "cifar" / "cifar-100-python" / "test").is_file() \
         else work / "cifar" / "cifar-100-python"
-    from cliplens.datasets import load_cifar
+    from cliplens.sources import load_cifar
     from cliplens.embed import index_labeled
     from cliplens.store import IndexStore
 

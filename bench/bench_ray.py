@@ -49,7 +49,7 @@ def main() -> None:
         folder = data.write_cifar100(work / "cifar", args.n)
         import ray
 
-        from cliplens.datasets import load_cifar
+        from cliplens.sources import load_cifar
         from cliplens.distributed import RayEngine, RayOptions, connect_ray
         from cliplens.embed import index_labeled
         from cliplens.store import IndexStore

@@ -29,7 +29,7 @@ def _child(root: Path, count: int, how: str) -> None:
     import conftest  # noqa: F401  (tests/: offline hub cache in a temporary HF_HOME)
     import model_fixture
 
-    from cliplens.datasets.folder import FolderSource, decode_image
+    from cliplens.sources.folder import FolderSource, decode_image
     from cliplens.encoder import load_encoder
 
     enc = load_encoder(model_fixture.write_tiny_model(conftest.HF_HOME), device="cpu")

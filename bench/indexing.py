@@ -59,7 +59,7 @@ def _reference_jpegs(model, transform, paths: list[Path], out: Path) -> np.ndarr
 
 
 def _ours_cifar(encoder, folder: Path, index_dir: Path, batch_size: int | None) -> np.ndarray:
-    from cliplens.datasets import load_cifar
+    from cliplens.sources import load_cifar
     from cliplens.embed import index_labeled
     from cliplens.store import IndexStore
 

@@ -56,7 +56,7 @@ def build_standin_index(work: Path, model: str, per_class: int) -> Path:
     else:
         model_fixture.write_openai_b32(hf_home)
         name, pretrained = "ViT-B-32-quickgelu", "openai"
-    from cliplens.datasets import load_cifar
+    from cliplens.sources import load_cifar
     from cliplens.embed import index_labeled
     from cliplens.encoder import load_encoder
 

@@ -36,7 +36,7 @@ class _InfoOnly:
 
 def make_labelled_index(root: Path, info, n: int, *, data_dir: Path) -> Path:
     """A complete CIFAR-100-format index of ``n`` items at ``root`` (``info``: the model's ModelInfo)."""
-    from cliplens.datasets import load_cifar
+    from cliplens.sources import load_cifar
     from cliplens.embed import index_labeled
 
     write_cifar100(data_dir, n)

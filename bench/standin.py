@@ -119,7 +119,8 @@ def load_reference(standin: StandIn):
     return model, transform, open_clip.get_tokenizer(standin.model)
 
 
-def load_ours(standin: StandIn, *, precision: str = "exact"):
+def load_ours(standin: StandIn, *, precision: str = "exact", fast_backend: str = "auto"):
     from cliplens.encoder import load_encoder
 
-    return load_encoder(standin.model, standin.pretrained, device="cpu", precision=precision)
+    return load_encoder(standin.model, standin.pretrained, device="cpu", precision=precision,
+                        fast_backend=fast_backend)

@@ -305,6 +305,6 @@ def truncate(path: Path, fraction: float = 0.5) -> None:
 def official_md5_patch(monkeypatch: Any, fx: CifarFixture) -> None:
     """Make the fixture's md5s count as official for the rest of the test, so the verified path
     runs end to end. ``monkeypatch`` is pytest's (anything with ``setitem``); it undoes this."""
-    from cliplens.datasets import cifar
+    from cliplens.sources import cifar
 
     monkeypatch.setitem(cifar.OFFICIAL_MD5, fx.name, dict(fx.md5))

@@ -65,7 +65,7 @@ def cifar_root(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def cifar_test(cifar_root):
-    from cliplens.datasets import load_cifar
+    from cliplens.sources import load_cifar
 
     return load_cifar("cifar100", "test", data_dir=cifar_root, verify=False, progress=False)
 
@@ -83,7 +83,7 @@ def tiny_index(tmp_path_factory, cifar_test, tiny_encoder) -> Path:
 @pytest.fixture(scope="session")
 def train_index(tmp_path_factory, cifar_root, tiny_encoder) -> Path:
     """The fixture's CIFAR-100 train split (5 images per class) indexed with the tiny model (read-only for tests)."""
-    from cliplens.datasets import load_cifar
+    from cliplens.sources import load_cifar
     from cliplens.embed import index_labeled
 
     out = tmp_path_factory.mktemp("train") / "cifar100-train"

@@ -49,7 +49,7 @@ def published_for(model, source: str | None) -> list[dict]:
 
 def check_same_source(stores: Sequence) -> None:
     if len(stores) < 2:
-        raise CompareError("compare needs at least two indexes: repeat --index-dir")
+        raise CompareError("compare needs at least two indexes: name each index folder", fix={"index_dir": None})
     first = stores[0]
     for s in stores:
         if not s.has_labels:

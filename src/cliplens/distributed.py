@@ -251,8 +251,9 @@ def connect_ray(options: RayOptions) -> bool:
             ray.init(num_cpus=options.num_cpus, runtime_env={"env_vars": env} if env else None, **kwargs)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         where = options.address or "a local Ray"
-        raise EngineError(f"cannot start or reach {where} ({_first_line(exc)}): check --ray-address "
-                          "(auto, or ray://HEAD:10001) and that the cluster runs this Ray version") from None
+        raise EngineError(f"cannot start or reach {where} ({_first_line(exc)}): check the Ray address "
+                          "(auto, or ray://HEAD:10001) and that the cluster runs this Ray version",
+                          fix={"ray_address": None}) from None
     return True
 
 
@@ -268,18 +269,19 @@ def check_ray_address(address: str | None, *, timeout: float = CONNECT_TIMEOUT) 
         parts = urlsplit(address)
         host, port = parts.hostname, parts.port or RAY_CLIENT_PORT
     except ValueError as exc:
-        raise EngineError(f"bad --ray-address {address!r} ({exc}): use ray://HOST:PORT, "
-                          "e.g. ray://head:10001") from None
+        raise EngineError(f"bad Ray address {address!r} ({exc}): use ray://HOST:PORT, "
+                          "e.g. ray://head:10001", fix={"ray_address": None}) from None
     if not host:
-        raise EngineError(f"bad --ray-address {address!r} (no host): use ray://HOST:PORT, e.g. ray://head:10001")
+        raise EngineError(f"bad Ray address {address!r} (no host): use ray://HOST:PORT, e.g. ray://head:10001",
+                          fix={"ray_address": None})
     try:
         with socket.create_connection((host, port), timeout=timeout):
             pass
     except OSError as exc:
         reason = "timed out" if isinstance(exc, TimeoutError) else (exc.strerror or type(exc).__name__)
         raise EngineError(f"cannot reach the Ray cluster at {address} ({reason} within {timeout:g} s): start the head "
-                          f"with `ray start --head --ray-client-server-port {port}`, or fix --ray-address "
-                          "(ray://HEAD:PORT, or auto on a cluster node)") from None
+                          f"with `ray start --head --ray-client-server-port {port}`, or fix the Ray address "
+                          "(ray://HEAD:PORT, or auto on a cluster node)", fix={"ray_address": None}) from None
 
 
 def _encoder_spec(encoder, *, device: str) -> dict:
@@ -288,7 +290,8 @@ def _encoder_spec(encoder, *, device: str) -> dict:
     hub = info.name.startswith(("hf-hub:", "local-dir:"))
     weights = None if (hub or info.pretrained) else info.weights_path
     if not hub and not info.pretrained and weights is None:
-        raise EngineError("the Ray engine cannot reproduce a model with random weights: pass --weights or --pretrained")
+        raise EngineError("the Ray engine cannot reproduce a model with random weights: give a weights file or a "
+                          "pretrained tag", fix={"weights": None, "pretrained": None})
     return {"model": info.name, "pretrained": info.pretrained, "weights": weights, "device": device,
             "sha256": info.weights_sha256}
 

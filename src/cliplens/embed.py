@@ -80,17 +80,9 @@ def choose_batch_size(encoder, *, limit: int = AUTO_BATCH_LIMIT) -> int:
 
 
 def _probe_gpu_memory(encoder, limit: int) -> int:
-    import torch
+    from cliplens.encoder import largest_batch_in_memory
 
-    s = encoder.info.image_size
-    size = 1 << (max(1, limit).bit_length() - 1)
-    while size > 8:
-        try:
-            encoder.encode_pixels(np.zeros((size, 3, s, s), np.float32))
-            break
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            size //= 2
+    size = largest_batch_in_memory(encoder, limit)
     log.info("batch size %d (GPU memory probe)", size)
     return size
 
@@ -158,7 +150,7 @@ def describe_identity_change(old: dict, new: dict) -> str:
 def index_labeled(data, encoder, index_dir: str | Path, *, batch_size: int | None = None, dtype: str = "float32",
                   checkpoint_every: int = 4, progress: bool = True, store_images: bool = True,
                   embed_fn: Callable[..., EmbedStats] | None = None, rebuild: bool = False):
-    """Index a labelled image set (``cliplens.datasets.LabeledImages``): embeddings, items and manifest.
+    """Index a labelled image set (``cliplens.sources.LabeledImages``): embeddings, items and manifest.
 
     A complete index of other settings (weights, precision, dtype, count, source files) already in ``index_dir``
     is never replaced unless ``rebuild``: a 2,000-image quick look must not silently cost a 10,000-image build.

@@ -13,6 +13,7 @@ Correctness notes (see DESIGN.md):
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import logging
 from collections import OrderedDict
@@ -47,7 +48,7 @@ def resolve_device(device: str = "auto") -> str:
     if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
         raise ModelError(f"unknown device {device!r}: use auto, cpu, cuda or mps")
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ModelError(f"device {device!r} asked for but torch sees no CUDA GPU: use --device cpu")
+        raise ModelError(f"device {device!r} asked for but torch sees no CUDA GPU: use the CPU", fix={"device": "cpu"})
     return device
 
 
@@ -80,7 +81,8 @@ def _resolve_tag(name: str, tag: str) -> tuple[str, str, bool]:
     if path is None:
         path = _download_checkpoint(cfg, f"{name}/{tag}")
     if not path:
-        raise ModelError(f"open_clip knows no download location for {name}/{tag}; pass --weights PATH")
+        raise ModelError(f"open_clip knows no download location for {name}/{tag}; give a local weights file",
+                     fix={"weights": None})
     return name, str(path), quick_gelu
 
 
@@ -136,7 +138,9 @@ class Encoder:
     """A loaded CLIP model. Build it with :func:`load_encoder`; tests pass any model with the same methods."""
 
     def __init__(self, *, model, tokenizer, transform, info: ModelInfo, device: str, text_cache_size: int = 4096,
-                 image_workers: int = 1):
+                 image_workers: int = 1, image_tower=None):
+        if image_tower is not None:  # a variant of the image tower (cliplens.fast.image_tower), composed here
+            model.visual = image_tower
         self.model = model
         self.tokenizer = tokenizer
         self.transform = transform  # open_clip's own eval transform: the reference for PIL inputs
@@ -246,7 +250,8 @@ class Encoder:
             self._text_cache.popitem(last=False)
         return out
 
-    def speed_up_text(self, *, cache_dir=None) -> bool:
+    def speed_up_text(self, *, cache_dir=None, tolerance: float = 1e-5,
+                      prefixes: Sequence[str] = ("a photo of a",)) -> bool:
         """Run the text tower in ONNX Runtime, fp32, for a process that answers many queries (``serve``).
 
         Same arithmetic to fp32 rounding (checked on the spot: largest difference <= 1e-5 of the largest
@@ -257,9 +262,10 @@ class Encoder:
         """
         if self.text_runner is not None:
             return True
-        from cliplens.fast import accelerate_text
+        from cliplens.fast import text_runner
 
-        return accelerate_text(self, cache_dir=cache_dir, tolerance=1e-5)
+        self.text_runner = text_runner(self, cache_dir=cache_dir, tolerance=tolerance, prefixes=prefixes)
+        return self.text_runner is not None
 
     def _encode_texts_uncached(self, texts: list[str], batch_size: int = 256) -> np.ndarray:
         if len(texts) <= SMALL_TEXT_BATCH and self.text_runner is None and self.image_workers > 1:
@@ -347,22 +353,30 @@ def load_encoder(
     device: str = "auto",
     precision: str = "exact",
     image_workers: int | None = None,
+    fast_backend: str = "auto",
 ) -> Encoder:
     """Create model + eval transform + tokenizer from one open_clip config, so they cannot drift apart.
 
     Weights come from ``weights`` (a local checkpoint file) when given, else from the pretrained tag through
     open_clip's own resolution: the Hugging Face hub cache (honouring HF_HOME and HF_HUB_OFFLINE).
+
+    ``precision="fast"`` composes the encoder with a faster image tower (``fast_backend``, default the first
+    that runs here; :mod:`cliplens.fast`) and, on the CPU, the text tower in ONNX Runtime (fp32).
     """
     import open_clip
 
     if precision not in PRECISIONS:
         raise ModelError(f"unknown precision {precision!r}: use {' or '.join(PRECISIONS)}")
+    if precision == "fast":
+        from cliplens.fast import check_backend
+
+        check_backend(fast_backend)
     device = resolve_device(device)
     quick_gelu = False
     if model.startswith(("hf-hub:", "local-dir:")):
         # A self-describing model folder (config + weights): open_clip resolves both; the tag does not apply.
         if weights is not None:
-            raise ModelError(f"{model} carries its own weights: drop --weights, or use a built-in model name")
+            raise ModelError(f"{model} carries its own weights: give no weights file, or use a built-in model name")
         checkpoint, pretrained = _schema_checkpoint(model), None
         load_from = None  # open_clip finds the weights itself through the schema
     else:
@@ -409,12 +423,16 @@ def load_encoder(
         import torch
 
         image_workers = torch.get_num_threads() if device == "cpu" and _omp_set_num_threads() else 1
-    encoder = Encoder(model=clip, tokenizer=tokenizer, transform=transform, info=info, device=device,
-                      image_workers=image_workers)
+    tower = None
     if precision == "fast":
-        from cliplens.fast import accelerate
+        from cliplens import fast
 
-        accelerate(encoder)  # swaps the image tower and sets info.precision to "fast:<backend>"
+        tower, backend = fast.image_tower(clip.visual, info, device=device, backend=fast_backend)
+        info = dataclasses.replace(info, precision=f"fast:{backend}")  # a resumed run must use the same path
+    encoder = Encoder(model=clip, tokenizer=tokenizer, transform=transform, info=info, device=device,
+                      image_workers=image_workers, image_tower=tower)
+    if precision == "fast" and device == "cpu" and encoder.speed_up_text(tolerance=1e-4):
+        log.info("precision fast: image tower %s, text tower ONNX Runtime fp32", backend)
     return encoder
 
 
@@ -484,3 +502,19 @@ def _describe(cfg: ClipPreprocessConfig | None, image_size: int) -> str:
         f"resize shortest side to {cfg.size} ({cfg.interpolation}, PIL-exact), center crop {cfg.size}, "
         f"mean {list(cfg.mean)}, std {list(cfg.std)}"
     )
+
+
+def largest_batch_in_memory(encoder, limit: int) -> int:
+    """The largest power-of-two batch up to ``limit`` that an accelerator encodes without running out of memory."""
+    import torch
+
+    s = encoder.info.image_size
+    size = 1 << (max(1, limit).bit_length() - 1)
+    while size > 8:
+        try:
+            encoder.encode_pixels(np.zeros((size, 3, s, s), np.float32))
+            break
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            size //= 2
+    return size

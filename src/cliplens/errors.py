@@ -1,7 +1,9 @@
 """Exceptions raised by cliplens.
 
-Library code raises these; only ``cli.py`` turns them into one-line messages and exit codes.
-Each message should say what went wrong *and* what to do about it.
+Library code raises these; only ``cli`` turns them into one-line messages and exit codes, and the web app into
+4xx JSON errors. Each message says what went wrong *and* what to do about it, in words that fit every caller
+("give an image or an item id"); which inputs would fix it travels as data (``fix``: input name -> the value to
+give, or None for any), and each caller words those its own way (the CLI as flags: ``--image PATH``).
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ class CliplensError(Exception):
     """Base class: a problem the user can fix (bad input, missing file, wrong model)."""
 
     exit_code = 2
+
+    def __init__(self, *args, fix: dict[str, str | None] | None = None):
+        super().__init__(*args)
+        self.fix = dict(fix or {})  # input name -> value that fixes it (None: any value the user chooses)
 
 
 class DatasetError(CliplensError):

@@ -102,12 +102,14 @@ class EvalConfig:
             if not given or any(g not in allowed for g in given):
                 raise EvaluationError(f"{name}s must be among {', '.join(allowed)}, got {', '.join(given) or 'none'}")
         if not self.template_sets:
-            raise EvaluationError("no template sets asked for; use e.g. --templates single cifar100")
+            raise EvaluationError("no template sets asked for; name one or more, e.g. single cifar100",
+                                  fix={"templates": "single cifar100"})
         if not self.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in self.ks):
             raise EvaluationError(f"-k needs whole numbers >= 1, got {self.ks}")
         depth = self.retrieval_depth
         if depth is not None and (isinstance(depth, bool) or not isinstance(depth, int) or depth < 1):
-            raise EvaluationError(f"--retrieval-depth needs a whole number >= 1, got {depth!r}")
+            raise EvaluationError(f"the retrieval depth must be a whole number >= 1, got {depth!r}",
+                                  fix={"retrieval_depth": None})
 
 
 @dataclass(frozen=True)
@@ -392,7 +394,8 @@ def evaluate_index(store, encoder, config: EvalConfig = EvalConfig(), *, index=N
     if config.resolution_study:
         images = store.images()
         if images is None:
-            raise EvaluationError("this index stores no thumbnails, so --resolution-study has nothing to re-encode")
+            raise EvaluationError("this index stores no thumbnails, so the resolution study has nothing to re-encode: "
+                                  "leave it out")
         n = len(images) if config.resolution_limit is None else min(config.resolution_limit, len(images))
         t3 = time.perf_counter()
         resolution = resolution_study(encoder, images[:n], labels[:n], ens_emb, batch_size=config.batch_size,

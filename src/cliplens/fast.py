@@ -13,21 +13,21 @@ order ``auto`` tries them (:data:`AUTO_ORDER`):
   is not a Linear and stays fp32). No extra dependency.
 - ``onnx-fp32`` (never picked by ``auto``): the ONNX graph unquantised, for comparison.
 
-Text tower: stays fp32, but runs in ONNX Runtime where it is installed (:func:`accelerate_text`): for
+Text tower: stays fp32, but runs in ONNX Runtime where it is installed (:func:`text_runner`): for
 the few rows of a query, its matrix products stream prepacked weights about twice as fast as torch's, and
 the keys and values of the prompt's known beginning ("a photo of a") are kept, so only the tokens after it
 run. ``cliplens serve`` does the same in exact mode (``Encoder.speed_up_text``).
 
 ONNX exports are cached on disk, keyed by the weights' sha256 and the library versions. On a GPU
-``fast`` changes nothing: the encoder already runs fp16 autocast there. The image backend replaces
-``model.visual`` (same call and output), so pipeline and store are unchanged; ``ModelInfo.precision``
-records ``fast:<backend>``.
+``fast`` changes nothing: the encoder already runs fp16 autocast there. Nothing here modifies an encoder:
+:func:`image_tower` and :func:`text_runner` build the faster parts, and :func:`cliplens.encoder.load_encoder`
+composes the encoder from them when it is made (the image backend takes the place of ``model.visual``: same
+call and output, so pipeline and store are unchanged; ``ModelInfo.precision`` records ``fast:<backend>``).
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
 import functools
 import hashlib
 import logging
@@ -103,34 +103,35 @@ def available_backends() -> tuple[str, ...]:
     return tuple(out)
 
 
-def accelerate(encoder, *, backend: str = "auto", text: bool = True, cache_dir: str | Path | None = None) -> str:
-    """Replace ``encoder.model.visual`` with a faster equivalent and return the backend used.
-
-    ``auto`` takes the first backend of :data:`AUTO_ORDER` that this machine runs and that builds; an
-    explicit backend that cannot run raises :class:`ModelError`. Sets ``encoder.info.precision``. With
-    ``text``, the text tower also moves to ONNX Runtime in fp32 where it can (:func:`accelerate_text`).
-    """
+def check_backend(backend: str) -> None:
     if backend != "auto" and backend not in BACKENDS:
         raise ModelError(f"unknown fast backend {backend!r}: use auto or one of {', '.join(BACKENDS)}")
-    if not str(encoder.device).startswith("cpu"):
-        log.info("precision fast on %s: the encoder already runs fp16 autocast there", encoder.device)
-        _record(encoder, "fp16-autocast")
-        return "fp16-autocast"
-    visual = encoder.model.visual
-    if getattr(visual, "cliplens_fast", None):
-        return visual.cliplens_fast  # already accelerated
+
+
+def image_tower(visual, info, *, device: str = "cpu", backend: str = "auto",
+                cache_dir: str | Path | None = None) -> tuple[object | None, str]:
+    """A faster equivalent of the image tower ``visual`` and the name of its backend; nothing is modified.
+
+    :func:`cliplens.encoder.load_encoder` composes the encoder from it (``precision="fast"``). ``auto`` takes the
+    first backend of :data:`AUTO_ORDER` that this machine runs and that builds; an explicit backend that cannot
+    run raises :class:`ModelError`. On an accelerator the tower stays (None, "fp16-autocast"): the encoder
+    already runs fp16 autocast there.
+    """
+    check_backend(backend)
+    if not str(device).startswith("cpu"):
+        log.info("precision fast on %s: the encoder already runs fp16 autocast there", device)
+        return None, "fp16-autocast"
     runnable = available_backends()
     if backend == "auto":
         candidates = [b for b in AUTO_ORDER if b in runnable]
         if not candidates:
-            raise ModelError("no fast backend runs on this machine: use --precision exact")
+            raise ModelError("no fast backend runs on this machine: use exact precision", fix={"precision": "exact"})
     elif backend not in runnable:
         need = {"onnx-int8": "onnxruntime (pip install 'cliplens[fast]')", "onnx-fp32": "onnxruntime",
                 "torch-int8": "a torch build with a quantized engine", "bf16": "a CPU with AVX512_BF16 or AMX"}
         raise ModelError(f"fast backend {backend} cannot run here: it needs {need[backend]}")
     else:
         candidates = [backend]
-    info = encoder.info
     for name in candidates:
         try:
             fast = _build(name, visual, image_size=info.image_size, model_name=info.name,
@@ -139,7 +140,7 @@ def accelerate(encoder, *, backend: str = "auto", text: bool = True, cache_dir: 
             first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
             if backend != "auto":
                 raise ModelError(f"fast backend {name} failed on {info.name} ({type(exc).__name__}: {first}); "
-                                 "use --precision exact") from None
+                                 "use exact precision", fix={"precision": "exact"}) from None
             log.warning("fast backend %s failed on %s (%s: %s); trying the next", name, info.name,
                         type(exc).__name__, first)
             continue
@@ -147,19 +148,10 @@ def accelerate(encoder, *, backend: str = "auto", text: bool = True, cache_dir: 
             if hasattr(visual, attr) and not hasattr(fast, attr):
                 setattr(fast, attr, getattr(visual, attr))
         fast.cliplens_fast = name
-        encoder.model.visual = fast
-        _record(encoder, name)
         if name.endswith("int8") and not has_int8_dot():
             log.info("this CPU has no int8 dot-product instructions (VNNI): %s gains less here", name)
-        text = text and accelerate_text(encoder, cache_dir=cache_dir)
-        log.info("precision fast: image tower %s, text tower %s", name, "ONNX Runtime fp32" if text else "torch fp32")
-        return name
-    raise ModelError(f"every fast backend failed on {info.name}: use --precision exact")
-
-
-def _record(encoder, backend: str) -> None:
-    """Manifests say which path made the embeddings (and a resumed run must use the same one)."""
-    encoder.info = dataclasses.replace(encoder.info, precision=f"fast:{backend}")
+        return fast, name
+    raise ModelError(f"every fast backend failed on {info.name}: use exact precision", fix={"precision": "exact"})
 
 
 def _variant(name: str) -> str:
@@ -339,9 +331,10 @@ def _prefix_ids(tokenizer, text: str) -> tuple[int, ...]:
     return tuple(int(i) for i in ids[: int(ids.argmax())])
 
 
-def accelerate_text(encoder, *, cache_dir: str | Path | None = None, tolerance: float = 1e-4,
-                    prefixes: Sequence[str] = ("a photo of a",)) -> bool:
-    """Run ``encoder``'s text tower in ONNX Runtime (fp32) when possible; True when it now does.
+def text_runner(encoder, *, cache_dir: str | Path | None = None, tolerance: float = 1e-4,
+                prefixes: Sequence[str] = ("a photo of a",)):
+    """A runner of ``encoder``'s text tower in ONNX Runtime (fp32), or None where it cannot run or differs;
+    the encoder installs it itself (:meth:`cliplens.encoder.Encoder.speed_up_text`). Nothing is modified here.
 
     ``prefixes``: prompt beginnings whose keys and values are kept (default: the ``single`` template's).
     Checked on the spot against the torch path, with and without a kept prefix (largest difference relative
@@ -350,7 +343,7 @@ def accelerate_text(encoder, *, cache_dir: str | Path | None = None, tolerance: 
     """
     model = encoder.model
     if not (onnxruntime_available() and str(encoder.device).startswith("cpu") and text_supported(model)):
-        return False
+        return None
     probe = encoder.tokenizer(["a photo of a tractor.", "a photo of a tulip in a field"])
     probe = probe[:, : int(probe.argmax(dim=-1).max()) + 1]
     head = _prefix_ids(encoder.tokenizer, "a photo of a")
@@ -372,14 +365,50 @@ def accelerate_text(encoder, *, cache_dir: str | Path | None = None, tolerance: 
             runner.add_prefix(_prefix_ids(encoder.tokenizer, text))
     except Exception as exc:  # an exporter failing on an unusual text tower: the torch path stays
         log.warning("fast: text tower stays in torch (%s: %s)", type(exc).__name__, str(exc).splitlines()[0][:160])
-        return False
+        return None
     scale = want.abs().max().clamp_min(1e-12)
     error = max(float((got - want).abs().max() / scale) for got in (got_whole, got_after_prefix))
     if error > tolerance:
         log.warning("fast: ONNX text tower differs by %.1e (relative); keeping the torch path", error)
-        return False
-    encoder.text_runner = runner
-    return True
+        return None
+    return runner
+
+
+def export_text_tower(encoder, out: Path, prefixes: Sequence[str], *, tokenizer, fmt: int) -> dict:
+    """Write ``encoder``'s text tower for :mod:`cliplens.textonly` into ``out`` (text.onnx + its weights, the kept
+    prefixes' keys and values) and return the cache's meta; ``tokenizer``: the torch-free one that will read it."""
+    import onnx
+
+    model = encoder.model
+    tok = tokenizer
+    probe = tok(["a photo of a tractor.", "a photo of a tulip in a field"])
+    probe = torch.from_numpy(probe[:, : int(probe.argmax(axis=1).max()) + 1])
+    past = prefix_keys_values(model, probe[0, :2])
+    rest = probe[:, 2:]
+    example = (rest, torch.arange(2, 2 + rest.shape[1]), torch.from_numpy(causal_mask(2, rest.shape[1])),
+               torch.from_numpy(past[0]), torch.from_numpy(past[1]))
+    data = onnx_model_bytes(TextSuffix(model).eval(), example, dynamic_axes=TEXT_AXES)
+    onnx.save_model(onnx.load_from_string(data), str(out / "text.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="text.weights", size_threshold=1024)
+    ids, arrays = [], {}
+    for i, text in enumerate(prefixes):
+        row = tok([text])[0]
+        head = [int(t) for t in row[: int(row.argmax())]]  # start-of-text and the words, no end-of-text
+        arrays[f"k{i}"], arrays[f"v{i}"] = prefix_keys_values(model, head)
+        ids.append(head)
+    np.savez(out / "prefixes.npz", **arrays)
+    attn = model.transformer.resblocks[0].attn
+    meta = {"format": fmt, "model": encoder.info.name, "weights_sha256": encoder.info.weights_sha256,
+            "embed_dim": int(encoder.info.embed_dim), "context_length": int(encoder.tokenizer.context_length),
+            "layers": len(model.transformer.resblocks), "heads": int(attn.num_heads), "head_dim": int(attn.head_dim),
+            "tokenizer": "clip-bpe (clean=lower)", "prefixes": list(prefixes), "prefix_ids": ids}
+    return meta
+
+
+def text_features(encoder, ids: np.ndarray) -> np.ndarray:
+    """The torch text tower's features (before normalisation) of token ids (N, L), for parity checks."""
+    with torch.inference_mode():
+        return encoder._encode_tokens(torch.from_numpy(np.ascontiguousarray(ids))).float().numpy()
 
 
 # --------------------------------------------------------------------------- ONNX export and quantisation

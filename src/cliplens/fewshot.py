@@ -62,7 +62,7 @@ class FewShotConfig:
         if not self.shots or any(k is not None and (isinstance(k, bool) or int(k) < 1) for k in self.shots):
             raise FewShotError(f"shots must be whole numbers >= 1 or 'all', got {self.shots}")
         if isinstance(self.seeds, bool) or self.seeds < 1:
-            raise FewShotError(f"--seeds needs a whole number >= 1, got {self.seeds}")
+            raise FewShotError(f"the number of seeds must be a whole number >= 1, got {self.seeds}", fix={"seeds": None})
         if not 0 < self.val_fraction < 1:
             raise FewShotError(f"the validation fraction must lie between 0 and 1, got {self.val_fraction}")
 

@@ -27,7 +27,7 @@ from typing import Callable
 
 import numpy as np
 
-from cliplens.datasets.folder import (
+from cliplens.sources.folder import (
     DEFAULT_MAX_MEGAPIXELS,
     FolderFile,
     FolderSource,

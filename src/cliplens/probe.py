@@ -50,7 +50,8 @@ class ProbeConfig:
         if not 0 < self.val_fraction < 1:
             raise ProbeError(f"the validation fraction must lie between 0 and 1, got {self.val_fraction}")
         if self.limit_per_class is not None and self.limit_per_class < 2:
-            raise ProbeError(f"--limit-per-class needs at least 2 (one to train, one to validate), got {self.limit_per_class}")
+            raise ProbeError(f"the limit per class must be at least 2 (one to train, one to validate), got "
+                             f"{self.limit_per_class}", fix={"limit_per_class": None})
 
 
 def check_compatible(train_manifest, test_manifest) -> None:

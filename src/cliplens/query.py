@@ -28,7 +28,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from cliplens.datasets.folder import IMAGE_EXTENSIONS, ImageSkipped, decode_image
+from cliplens.sources.folder import IMAGE_EXTENSIONS, ImageSkipped, decode_image
 from cliplens.errors import QueryError
 from cliplens.prompts import TEMPLATE_SETS, fill, load_templates, match_class, wrap_query
 
@@ -109,7 +109,8 @@ def parse_terms(tokens: Sequence[str], *, allow_paths: bool = True) -> tuple[Ter
     if pending:
         raise QueryError("the query ends with an operator; put a term after + or -")
     if not groups:
-        raise QueryError("empty query; type some words, or give --image PATH or --similar ID")
+        raise QueryError("empty query; type some words, or give an image or an item id to search like",
+                         fix={"image": None, "similar": None})
     if len(groups) > MAX_TERMS:
         raise QueryError(f"too many terms ({len(groups)}); at most {MAX_TERMS}")
     terms = []
@@ -320,7 +321,8 @@ def search_words(searcher, words: Sequence[str], k: int, *, images: Sequence[str
     terms += [_classify(f"image:{p}", 1.0, allow_paths=True) for p in images]
     terms += [Term("item", int(i)) for i in similar]
     if not terms:
-        raise QueryError("nothing to search for: give words, --image PATH or --similar ID")
+        raise QueryError("nothing to search for: give words, an image or an item id",
+                         fix={"image": None, "similar": None})
     templates = resolve_templates(template, allow_files=True)
     wheres = parse_where(where)
     plain = len(terms) == 1 and terms[0].kind == "text" and terms[0].weight == 1

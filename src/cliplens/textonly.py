@@ -174,13 +174,15 @@ def build_cache(encoder, *, root: str | Path | None = None, prefixes: Sequence[s
         return folder if folder is not None and (folder / "meta.json").is_file() else None
     try:
         from cliplens import fast
+        from cliplens.tokenizer import ClipTokenizer
 
         if not (available() and fast.text_supported(encoder.model) and _same_tokenizer(encoder.tokenizer)):
             return None
         folder.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
         try:
-            meta = _export(encoder, tmp, prefixes)
+            meta = fast.export_text_tower(encoder, tmp, prefixes, tokenizer=ClipTokenizer(
+                context_length=encoder.tokenizer.context_length), fmt=FORMAT)
             error = _parity(encoder, tmp, meta)
             if error > PARITY_TOLERANCE:
                 log.warning("text-only tower differs by %.1e (relative) from torch; not cached", error)
@@ -223,49 +225,15 @@ def _same_tokenizer(tokenizer) -> bool:
     return bool((ours(list(_PROBES)) == tokenizer(list(_PROBES)).numpy()).all())
 
 
-def _export(encoder, out: Path, prefixes: Sequence[str]) -> dict:
-    import onnx
-    import torch
-
-    from cliplens import fast
-    from cliplens.tokenizer import ClipTokenizer
-
-    model = encoder.model
-    tok = ClipTokenizer(context_length=encoder.tokenizer.context_length)
-    probe = tok(["a photo of a tractor.", "a photo of a tulip in a field"])
-    probe = torch.from_numpy(probe[:, : int(probe.argmax(axis=1).max()) + 1])
-    past = fast.prefix_keys_values(model, probe[0, :2])
-    rest = probe[:, 2:]
-    example = (rest, torch.arange(2, 2 + rest.shape[1]), torch.from_numpy(causal_mask(2, rest.shape[1])),
-               torch.from_numpy(past[0]), torch.from_numpy(past[1]))
-    data = fast.onnx_model_bytes(fast.TextSuffix(model).eval(), example, dynamic_axes=fast.TEXT_AXES)
-    onnx.save_model(onnx.load_from_string(data), str(out / "text.onnx"), save_as_external_data=True,
-                    all_tensors_to_one_file=True, location="text.weights", size_threshold=1024)
-    ids, arrays = [], {}
-    for i, text in enumerate(prefixes):
-        row = tok([text])[0]
-        head = [int(t) for t in row[: int(row.argmax())]]  # start-of-text and the words, no end-of-text
-        arrays[f"k{i}"], arrays[f"v{i}"] = fast.prefix_keys_values(model, head)
-        ids.append(head)
-    np.savez(out / "prefixes.npz", **arrays)
-    attn = model.transformer.resblocks[0].attn
-    meta = {"format": FORMAT, "model": encoder.info.name, "weights_sha256": encoder.info.weights_sha256,
-            "embed_dim": int(encoder.info.embed_dim), "context_length": int(encoder.tokenizer.context_length),
-            "layers": len(model.transformer.resblocks), "heads": int(attn.num_heads), "head_dim": int(attn.head_dim),
-            "tokenizer": "clip-bpe (clean=lower)", "prefixes": list(prefixes), "prefix_ids": ids}
-    return meta
-
-
 def _parity(encoder, folder: Path, meta: dict) -> float:
     """Largest |ONNX - torch| / largest |torch| over probe texts, with and without the kept prefix."""
-    import torch
+    from cliplens import fast
 
     ours = TextOnlyEncoder(folder, encoder.info, prepack=False, meta=meta)
     texts = [*_PROBES, "a photo of a dog.", "a photo of a red tractor in the snow"]
     ids = ours.tokenizer(texts)
     ids = ids[:, : int(ids.argmax(axis=1).max()) + 1]
-    with torch.inference_mode():
-        want = encoder._encode_tokens(torch.from_numpy(ids)).float().numpy()
+    want = fast.text_features(encoder, ids)  # the torch text tower, on the same token ids
     got_whole = ours.runner.session.run(None, {
         "input0": ids, "input1": np.arange(ids.shape[1], dtype=np.int64), "input2": causal_mask(0, ids.shape[1]),
         "input3": ours.runner._empty, "input4": ours.runner._empty})[0]
@@ -273,7 +241,6 @@ def _parity(encoder, folder: Path, meta: dict) -> float:
     pids = ours.tokenizer(with_prefix)
     pids = pids[:, : int(pids.argmax(axis=1).max()) + 1]
     got_prefix = ours.runner.run(pids)
-    with torch.inference_mode():
-        want_prefix = encoder._encode_tokens(torch.from_numpy(pids)).float().numpy()
+    want_prefix = fast.text_features(encoder, pids)
     scale = max(float(np.abs(want).max()), 1e-12)
     return max(float(np.abs(got_whole - want).max()) / scale, float(np.abs(got_prefix - want_prefix).max()) / scale)

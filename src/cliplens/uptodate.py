@@ -58,7 +58,7 @@ def folder_unchanged(root: Path, index_dir: Path, args):
     """A :class:`~cliplens.folder_index.FolderIndexSummary` of nothing done, when every file under ``root`` has
     the path, size and mtime the index records (captions included) and the flags are the ones it was built with;
     else None."""
-    from cliplens.datasets.folder import read_sidecar, walk_folder
+    from cliplens.sources.folder import read_sidecar, walk_folder
     from cliplens.folder_index import FolderIndexSummary
     from cliplens.items import LazyItems
     from cliplens.store import ITEMS, index_files

@@ -14,7 +14,7 @@ import pytest
 
 import cifar_fixture as cf
 import hostile_fixture as hf
-from cliplens.datasets import _download, load_cifar
+from cliplens.sources import _download, load_cifar
 from cliplens.errors import DatasetError
 
 ARCHIVE = "cifar-100-python.tar.gz"

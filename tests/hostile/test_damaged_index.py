@@ -92,7 +92,7 @@ CASES = [
 @pytest.fixture(scope="module")
 def other_index(tmp_path_factory, cifar_root, tiny_encoder):
     """Another index (of the train split) to take files from."""
-    from cliplens.datasets import load_cifar
+    from cliplens.sources import load_cifar
     from cliplens.embed import index_labeled
 
     out = tmp_path_factory.mktemp("other") / "idx"

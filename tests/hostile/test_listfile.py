@@ -14,7 +14,7 @@ import pytest
 from PIL import Image
 
 from cliplens.cli import main
-from cliplens.datasets import listfile
+from cliplens.sources import listfile
 from cliplens.store import IndexStore
 
 IMAGES = ("a.png", "b.png", "sub/c.png")

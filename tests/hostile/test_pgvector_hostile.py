@@ -82,7 +82,7 @@ SERVERS = [
     ("missing-database", _missing_database, "no such database at postgres@"),
     ("no-vector-extension", _no_vector_no_privilege, "has no 'vector' extension and user plain_user may not create it"),
     ("old-pgvector", _old_pgvector, "is pgvector 0.7.4; cliplens needs 0.8.0 or newer"),
-    ("bad-uri", _bad_uri, "bad --pg-uri"),
+    ("bad-uri", _bad_uri, "bad PostgreSQL URI"),
 ]
 
 

@@ -136,7 +136,7 @@ def test_size_claims_are_refused_before_any_allocation(tmp_path):
     code = f"""
 import resource
 resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
-from cliplens.datasets._pickle import safe_load_pickle
+from cliplens.sources._pickle import safe_load_pickle
 from cliplens.errors import DatasetError
 for path in {paths!r}:
     try:

@@ -98,7 +98,7 @@ def test_benchmark_inputs_are_what_they_claim(bench_pkg, tmp_path):
     from PIL import Image
 
     from bench.data import QUERIES, read_cifar_rows, unit_vectors, write_cifar100, write_jpegs
-    from cliplens.datasets import load_cifar
+    from cliplens.sources import load_cifar
 
     assert len(QUERIES) == 24 and QUERIES[:4] == ("tractor", "tulip", "seal", "telephone")
     folder = write_cifar100(tmp_path, 10)

@@ -43,7 +43,7 @@ def assert_one_line_error(code, err, needle):
 @pytest.fixture
 def no_network(monkeypatch):
     """Any download attempt fails at once, as it does on a machine without internet."""
-    import cliplens.datasets.cifar as dl
+    import cliplens.sources.cifar as dl
 
     def refuse(*a, **k):
         raise OSError("network is unreachable")

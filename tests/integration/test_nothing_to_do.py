@@ -50,20 +50,30 @@ def test_unchanged_folder_needs_no_model_and_changes_do(folder, tiny_model, tmp_
     again = _index(capsys, photos, "--index-dir", idx, "--model", tiny_model)
     assert calls == []  # decided without the model, and it says what the full path says for an unchanged folder
     assert again.strip() == f"{photos}: 0 added, 0 updated, 0 removed, 0 reused, {bad} skipped ({good} unchanged; {good} images in {idx})"
-    changes = [
-        lambda: os.utime(photos / "a.png", ns=(1, 1)),  # touched: same content, new mtime
-        lambda: shutil.copy(photos / "e.bmp", photos / "e2.bmp"),  # a new file
-        lambda: (photos / "a.txt").write_text("another caption"),  # a caption changed, not the image
+    import cliplens.uptodate as uptodate
+
+    fast_path = []  # what the no-op check answered on each run: True when it found nothing to do
+    real_check = uptodate.folder_unchanged
+    monkeypatch.setattr(uptodate, "folder_unchanged",
+                        lambda *a, **k: (lambda r: fast_path.append(r is not None) or r)(real_check(*a, **k)))
+    changes = [  # (change, whether a model must load to embed something)
+        (lambda: os.utime(photos / "a.png", ns=(1, 1)), False),  # touched: same content (sha256), new mtime
+        (lambda: shutil.copy(photos / "e.bmp", photos / "e2.bmp"), False),  # a copy: its vector is reused
+        (lambda: (photos / "a.txt").write_text("another caption"), False),  # a caption changed, not the image
+        (lambda: _new_image(folder / "a.png", photos / "new.png"), True),  # new pixels: embedded
     ]
-    for change in changes:
+    for change, loads in changes:
         change()
+        fast_path.clear()
         _index(capsys, photos, "--index-dir", idx, "--model", tiny_model)
-        assert calls, "a change must take the full path"
+        assert fast_path == [False], "a change must take the full path"
+        assert bool(calls) == loads  # the model loads only when something must be embedded (cliplens.indexing.lazy)
         calls.clear()
-        _index(capsys, photos, "--index-dir", idx, "--model", tiny_model)
-        assert calls == []  # and then it is unchanged again
+        again = _index(capsys, photos, "--index-dir", idx, "--model", tiny_model)
+        assert calls == [] and fast_path == [False, True] and "0 added, 0 updated" in again  # unchanged again
+    fast_path.clear()
     _index(capsys, photos, "--index-dir", idx, "--model", tiny_model, "--exclude", "sub/*")
-    assert calls  # other flags: the full path
+    assert fast_path == [False]  # other flags: the full path (which removes what is now excluded, no model needed)
 
 
 def test_unchanged_cifar_split_needs_no_model(cifar_root, tiny_model, tmp_path, capsys, monkeypatch):
@@ -82,3 +92,12 @@ def test_unchanged_cifar_split_needs_no_model(cifar_root, tiny_model, tmp_path, 
         _index(capsys, *argv, *extra, "--rebuild")  # other settings replace a complete index only when asked
         assert calls, extra
         calls.clear()
+
+
+def _new_image(src, dst):
+    """A copy of ``src`` with one pixel changed: new content (and so a new sha256)."""
+    from PIL import Image
+
+    im = Image.open(src).convert("RGB")
+    im.putpixel((0, 0), (255 - im.getpixel((0, 0))[0], 7, 7))
+    im.save(dst)

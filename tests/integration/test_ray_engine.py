@@ -178,7 +178,7 @@ def test_cli_folder_engine_ray_equals_local_and_stays_incremental(tiny_model, tm
 
 def test_folder_missing_on_a_worker_fails_with_one_line(tiny_encoder, tmp_path):
     """A worker that cannot see the folder (a cluster node without the shared filesystem) says so, in one line."""
-    from cliplens.datasets.folder import FolderSource
+    from cliplens.sources.folder import FolderSource
 
     missing = tmp_path / "only-on-the-driver"
     source = FolderSource(missing, ["a.png", "b.png"], max_pixels=10**8)

@@ -327,3 +327,23 @@ def test_an_unexpected_error_is_a_json_500(searchers):
         r = c.get("/api/search", params={"q": "cat"})
         assert_json_error(r, 500)
         assert "a bug" not in r.text  # details go to the server log, not to the client
+
+
+def test_the_same_error_is_worded_for_each_caller(client, tiny_index, capsys):
+    """Library errors carry which inputs fix them; the API says it in words, the CLI names its flags."""
+    from cliplens.cli import main
+    from cliplens.errors import QueryError
+    from cliplens.query import parse_terms
+
+    with pytest.raises(QueryError) as info:
+        list(parse_terms(""))
+    assert "an image or an item id" in str(info.value) and "--" not in str(info.value)
+    assert info.value.fix == {"image": None, "similar": None}
+    r = client.post("/api/search", json={"q": ""})
+    assert 400 <= r.status_code < 500 and "--" not in r.json()["error"]
+    from cliplens.cli.common import word_error
+
+    assert word_error(info.value).endswith("an image or an item id to search like (--image PATH or --similar ID)")
+    assert main(["compare", "--index-dir", str(tiny_index)]) == 2  # through the CLI's error handler
+    cli = capsys.readouterr().err.strip()
+    assert cli == "cliplens: error: compare needs at least two indexes: name each index folder (--index-dir DIR)"

@@ -116,7 +116,7 @@ def _serve(argv: list[str], env: dict, cwd: Path) -> None:
 
 @pytest.mark.slow
 def test_every_readme_example_runs_as_written(user_home, monkeypatch, capsys):
-    import cliplens.datasets.cifar as cifar
+    import cliplens.sources.cifar as cifar
 
     assert EXAMPLES, "the README shows no cliplens command"
     sums = fixture_md5s(user_home / "data" / "cifar-100-python.tar.gz")

@@ -17,8 +17,8 @@ import numpy as np
 import pytest
 
 import cifar_fixture as cf
-from cliplens.datasets import LabeledImages, load_cifar, safe_load_pickle
-from cliplens.datasets import _pickle, cifar
+from cliplens.sources import LabeledImages, load_cifar, safe_load_pickle
+from cliplens.sources import _pickle, cifar
 from cliplens.errors import ChecksumError, DatasetError, UnsafePickleError
 
 

@@ -58,9 +58,8 @@ def test_every_backend_agrees_with_exact_on_the_tiny_model(backend, tiny_model, 
                                                            tiny_exact_embeddings):
     if backend not in fast.available_backends():
         pytest.skip(f"{backend} does not run on this machine")
-    enc = load_encoder(tiny_model, device="cpu")
-    assert fast.accelerate(enc, backend=backend) == backend
-    assert enc.info.precision == f"fast:{backend}"
+    enc = load_encoder(tiny_model, device="cpu", precision="fast", fast_backend=backend)
+    assert enc.info.precision == f"fast:{backend}" and enc.model.visual.cliplens_fast == backend
     got = enc.encode_images(cifar_test.images)  # 200 images, real 224 px preprocessing
     assert got.shape == tiny_exact_embeddings.shape and got.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
@@ -88,7 +87,7 @@ def test_load_encoder_fast_records_the_backend_in_the_manifest(tiny_model, cifar
     enc = load_encoder(tiny_model, device="cpu", precision="fast")
     backend = next(b for b in fast.AUTO_ORDER if b in fast.available_backends())
     assert enc.info.precision == f"fast:{backend}"
-    assert fast.accelerate(enc) == backend  # idempotent: an accelerated encoder is left as it is
+    assert enc.model.visual.cliplens_fast == backend  # composed at load time, from cliplens.fast.image_tower
     manifest, _ = index_labeled(cifar_test, enc, tmp_path / "idx", batch_size=64, progress=False)
     assert manifest.model.precision == f"fast:{backend}"
     assert manifest.identity["precision"] == f"fast:{backend}"  # a resumed run must use the same path
@@ -107,33 +106,32 @@ def test_auto_falls_back_when_a_backend_fails(tiny_model, monkeypatch, caplog):
         return real_build(name, *args, **kwargs)
 
     monkeypatch.setattr(fast, "_build", broken_first)
-    enc = load_encoder(tiny_model, device="cpu")
     with caplog.at_level(logging.WARNING, logger="cliplens.fast"):
-        assert fast.accelerate(enc) == runnable[1]
+        enc = load_encoder(tiny_model, device="cpu", precision="fast")
+    assert enc.info.precision == f"fast:{runnable[1]}"
     assert "exporter exploded" in caplog.text
-    with pytest.raises(ModelError, match="exporter exploded.*--precision exact"):
-        fast.accelerate(load_encoder(tiny_model, device="cpu"), backend=runnable[0])
+    with pytest.raises(ModelError, match="exporter exploded.*use exact precision"):
+        load_encoder(tiny_model, device="cpu", precision="fast", fast_backend=runnable[0])
 
 
 def test_errors_say_what_to_do(tiny_model, monkeypatch):
     with pytest.raises(ModelError, match="unknown precision 'int4': use exact or fast"):
         load_encoder(tiny_model, device="cpu", precision="int4")
-    enc = load_encoder(tiny_model, device="cpu")
     with pytest.raises(ModelError, match="unknown fast backend 'tensorrt'"):
-        fast.accelerate(enc, backend="tensorrt")
+        load_encoder(tiny_model, device="cpu", precision="fast", fast_backend="tensorrt")
+    enc = load_encoder(tiny_model, device="cpu")
+    visual = enc.model.visual
     monkeypatch.setattr(fast, "available_backends", lambda: ())
     with pytest.raises(ModelError, match="onnx-int8 cannot run here: it needs onnxruntime"):
-        fast.accelerate(enc, backend="onnx-int8")
-    with pytest.raises(ModelError, match="no fast backend runs on this machine: use --precision exact"):
-        fast.accelerate(enc)
-    assert enc.info.precision == "exact"  # nothing was changed by the failures
+        fast.image_tower(visual, enc.info, backend="onnx-int8")
+    with pytest.raises(ModelError, match="no fast backend runs on this machine: use exact precision"):
+        load_encoder(tiny_model, device="cpu", precision="fast")
+    assert enc.model.visual is visual and enc.info.precision == "exact"  # building a tower changes nothing
 
 
 def test_gpu_encoders_are_left_alone_and_say_so():
-    info = dataclasses.make_dataclass("Info", ["precision"], frozen=True)("exact")
-    enc = types.SimpleNamespace(device="cuda:0", info=info, model=None)  # no GPU needed: nothing is run
-    assert fast.accelerate(enc) == "fp16-autocast"
-    assert enc.info.precision == "fast:fp16-autocast"
+    info = dataclasses.make_dataclass("Info", ["precision"], frozen=True)("exact")  # no GPU needed: nothing runs
+    assert fast.image_tower(None, info, device="cuda:0") == (None, "fp16-autocast")
 
 
 def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
@@ -220,7 +218,7 @@ def test_onnx_text_prefix_equals_the_torch_text_tower(tiny_model):
     """Fast mode's text tower (ONNX Runtime, fp32, dynamic prefix length) against the exact torch path."""
     exact = load_encoder(tiny_model, device="cpu")
     enc = load_encoder(tiny_model, device="cpu")
-    assert exact.text_runner is None and fast.accelerate_text(enc) and enc.text_runner is not None
+    assert exact.text_runner is None and enc.speed_up_text(tolerance=1e-4) and enc.text_runner is not None
     long_text = " ".join(["tractor"] * 70)  # truncated at the 77-token context: the longest prefix
     batches = [["seal"], QUERIES, ["a", long_text, "a photo of a tulip."], [f"photo {i}" for i in range(40)]]
     for texts in batches:  # batch sizes 1..40 and prefix lengths 3..77 through one exported graph
@@ -257,7 +255,7 @@ def test_kept_prompt_prefixes_give_the_same_vectors(tiny_model, monkeypatch):
     """Rows that share a kept prefix run only their remaining tokens, against its stored keys and values."""
     exact = load_encoder(tiny_model, device="cpu")
     enc = load_encoder(tiny_model, device="cpu")
-    assert fast.accelerate_text(enc, prefixes=("a photo of a", "a bad photo of the"))
+    assert enc.speed_up_text(tolerance=1e-4, prefixes=("a photo of a", "a bad photo of the"))
     runner = enc.text_runner
     assert len(runner.prefixes) == 2
     used = []

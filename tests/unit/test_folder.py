@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cliplens.datasets.folder import (
+from cliplens.sources.folder import (
     ImageSkipped,
     ImageTooLarge,
     decode_image,

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cliplens.datasets.folder import decode_image
+from cliplens.sources.folder import decode_image
 from cliplens.errors import DatasetError
 from cliplens.folder_index import FolderIndexOptions, index_folder
 from cliplens.store import IndexStore, index_files

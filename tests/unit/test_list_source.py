@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 
 from cliplens.cli import main
-from cliplens.datasets.listfile import read_list
+from cliplens.sources.listfile import read_list
 from cliplens.store import IndexStore, index_files
 
 ROWS = [  # an image with two captions (two rows), as COCO / Flickr30k exports have

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from cliplens.datasets.folder import decode_image
+from cliplens.sources.folder import decode_image
 from cliplens.errors import CliplensError, QueryError
 from cliplens.index import ExactIndex
 from cliplens.prompts import load_templates

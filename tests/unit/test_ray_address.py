@@ -28,7 +28,11 @@ def test_closed_port_fails_fast_with_one_line():
         check_ray_address(address, timeout=2.0)
     assert time.perf_counter() - t0 < 5
     message = str(info.value)
-    assert "\n" not in message and "ray start --head" in message and "--ray-address" in message
+    assert "\n" not in message and "ray start --head" in message and "Ray address" in message
+    assert "--" not in message.split("ray start")[0] and info.value.fix == {"ray_address": None}  # data, not flags
+    from cliplens.cli.common import word_error
+
+    assert word_error(info.value).endswith("(--ray-address ADDR)")  # the CLI words it as its flag
 
 
 def test_listening_port_and_other_addresses_pass():
@@ -42,7 +46,7 @@ def test_listening_port_and_other_addresses_pass():
 
 @pytest.mark.parametrize("address", ["ray://", "ray://:10001", "ray://head:notaport"])
 def test_malformed_ray_address(address):
-    with pytest.raises(EngineError, match="bad --ray-address") as info:
+    with pytest.raises(EngineError, match="bad Ray address") as info:
         check_ray_address(address)
     assert "\n" not in str(info.value)
 

@@ -83,7 +83,9 @@ def _run(argv: list[str] | None) -> int:
     except BrokenPipeError:
         raise
     except CliplensError as exc:
-        print(f"cliplens: error: {printable(exc)}", file=sys.stderr)
+        from cliplens.cli.common import word_error
+
+        print(f"cliplens: error: {printable(word_error(exc))}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("cliplens: interrupted (an interrupted `index` resumes when run again)", file=sys.stderr)

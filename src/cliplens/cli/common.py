@@ -13,6 +13,27 @@ from pathlib import Path
 from cliplens._files import cliplens_home
 from cliplens.errors import CliplensError
 
+# How the CLI names the inputs a library error's ``fix`` asks for (cliplens.errors): the flag, and its metavar.
+FLAGS = {"image": "--image PATH", "similar": "--similar ID", "index_dir": "--index-dir DIR", "weights": "--weights PATH",
+         "pretrained": "--pretrained TAG", "device": "--device", "precision": "--precision", "seeds": "--seeds N",
+         "templates": "--templates", "retrieval_depth": "--retrieval-depth N", "limit_per_class": "--limit-per-class N",
+         "pg_index": "--pg-index", "pg_uri": "--pg-uri URI", "milvus_uri": "--milvus-uri URI",
+         "ray_address": "--ray-address ADDR"}
+
+
+def word_error(exc: CliplensError) -> str:
+    """A library error as the CLI says it: its message, then the flags that fix it ("(--image PATH or
+    --similar ID)")."""
+    text = str(exc)
+    if not getattr(exc, "fix", None):
+        return text
+    flags = []
+    for name, value in exc.fix.items():
+        flag = FLAGS.get(name, "--" + name.replace("_", "-"))
+        flags.append(f"{flag.split()[0]} {value}" if value else flag)
+    return f"{text} ({' or '.join(flags)})"
+
+
 INDEX_DIR_HELP = "the index folder (default $CLIPLENS_INDEX_DIR, else $CLIPLENS_HOME/indexes/cifar100-test)"
 
 
@@ -93,3 +114,25 @@ def cosine_float(text: str) -> float:
     if not -1.0 <= value <= 1.0:  # False for nan as well
         raise argparse.ArgumentTypeError(f"must be a number from -1 to 1, got {text!r}")
     return value
+
+
+def text_only_encoder(args, manifest, *, prepack: bool = False):
+    """The index's own model as its cached torch-free text tower (:mod:`cliplens.textonly`), or None.
+
+    None when the flags ask for another model or a GPU, or when the cache is not built yet. ``prepack``: for a
+    process that answers many queries (slower to open, faster per query).
+    """
+    from cliplens.textonly import open_cached
+
+    built = manifest.model
+    if (args.model and args.model != built.name) or getattr(args, "device", "auto") not in ("auto", "cpu"):
+        return None
+    if args.pretrained and args.pretrained != built.pretrained:
+        return None
+    if args.weights is not None:
+        from cliplens._files import cached_sha256
+
+        path = Path(args.weights).expanduser()
+        if not path.is_file() or cached_sha256(path) != built.weights_sha256:
+            return None
+    return open_cached(built, prepack=prepack)

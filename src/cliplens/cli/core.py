@@ -16,6 +16,7 @@ from cliplens.cli.common import (  # noqa: F401  (importable from here as before
     default_index_dir,
     model_choice,
     positive_int,
+    text_only_encoder,
 )
 from cliplens.errors import CliplensError
 
@@ -27,7 +28,7 @@ CASE_STUDIES = ("tractor", "tulip", "seal", "telephone")  # CIFAR-100 classes 89
 
 def check_cifar_inputs(args, source: str) -> None:
     """Before anything slow: when neither the data nor the weights are here or downloadable, say both at once."""
-    from cliplens.datasets.cifar import missing_data
+    from cliplens.sources.cifar import missing_data
     from cliplens.encoder import missing_weights
 
     data = missing_data(source, args.data_dir)
@@ -160,28 +161,6 @@ def open_searcher(args, *, text_only: bool = False):
     index = open_backend(store, args) if hasattr(args, "backend") else None
     encoder = text_only_encoder(args, store.manifest) if text_only else None
     return Searcher(encoder=encoder or common.load_model(args, store.manifest), store=store, index=index), index
-
-
-def text_only_encoder(args, manifest: dict, *, prepack: bool = False):
-    """The index's own model as its cached torch-free text tower (:mod:`cliplens.textonly`), or None.
-
-    None when the flags ask for another model or a GPU, or when the cache is not built yet. ``prepack``: for a
-    process that answers many queries (slower to open, faster per query).
-    """
-    from cliplens.textonly import open_cached
-
-    built = manifest.model
-    if (args.model and args.model != built.name) or getattr(args, "device", "auto") not in ("auto", "cpu"):
-        return None
-    if args.pretrained and args.pretrained != built.pretrained:
-        return None
-    if args.weights is not None:
-        from cliplens._files import cached_sha256
-
-        path = Path(args.weights).expanduser()
-        if not path.is_file() or cached_sha256(path) != built.weights_sha256:
-            return None
-    return open_cached(built, prepack=prepack)
 
 
 def _text_query(args) -> bool:

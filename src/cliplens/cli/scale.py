@@ -78,16 +78,11 @@ def check_build_flags(args) -> None:
             what = ("a pgvector table is indexed" if takers == ["pgvector"] else
                     "an HNSW index is built" if dest == "ef_construction" else f"a {takers[0]} index is built")
             raise BackendError(f"{flag} sets how {what}, not the {chosen.name} backend: use it with "
-                               + " or ".join(f"--backend {t}" + (" --faiss-index HNSW32" if t == "faiss" else "")
-                                             for t in takers))
-    if getattr(args, "ef_construction", None) is None:
-        return
-    if chosen.name == "pgvector" and (getattr(args, "pg_index", None) or "hnsw") != "hnsw":
-        raise BackendError(f"--ef-construction applies to HNSW indexes, not --pg-index {args.pg_index}: "
-                           "use --pg-index hnsw, or drop --ef-construction")
-    if chosen.name == "faiss" and "HNSW" not in (args.faiss_index or "HNSW32").upper():
-        raise BackendError(f"--ef-construction applies to HNSW indexes, not {args.faiss_index!r}: "
-                           'use an HNSW factory string such as "HNSW32", or drop --ef-construction')
+                               + " or ".join(REGISTRY[t].usage for t in takers))
+    if getattr(args, "ef_construction", None) is not None and chosen.not_hnsw is not None:
+        wrong = chosen.not_hnsw(vars(args))
+        if wrong:
+            raise BackendError(f"--ef-construction applies to HNSW indexes, {wrong}")
 
 
 def add_engine_flags(p: argparse.ArgumentParser) -> None:
@@ -109,7 +104,7 @@ def open_backend(store, args):
     from cliplens.index.backends import open_index
 
     chosen = spec(getattr(args, "backend", None))
-    if chosen.module is None:
+    if chosen.exact:
         return None
     return open_index(store, chosen.name, **backend_options(args))
 
@@ -156,7 +151,7 @@ def describe_backend(store, args, index) -> str:
 
 def build_after_index(args, index_dir) -> None:
     """``cliplens index ... --backend NAME``: build that backend once the store is complete."""
-    if spec(args.backend).module is None:
+    if spec(args.backend).exact:
         return
     from cliplens.store import IndexStore
 

@@ -59,7 +59,7 @@ def serve_encoder(args, manifest: dict):
     asked for; the full model at once where there is no such tower (no ONNX Runtime, random weights, a GPU)."""
     from cliplens import textonly
     from cliplens.cli import common
-    from cliplens.cli.core import text_only_encoder
+    from cliplens.cli.common import text_only_encoder
     from cliplens.textfirst import TextFirstEncoder
 
     text = text_only_encoder(args, manifest, prepack=True)

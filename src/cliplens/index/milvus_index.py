@@ -94,8 +94,9 @@ def connect(store, *, uri: str | None = None, timeout: float = 10.0):
         if uri.endswith(".db"):
             raise BackendError(f"cannot open Milvus Lite file {uri} ({reason}): is another process using it? "
                                "(is milvus-lite installed? pip install 'cliplens[milvus]')") from None
-        raise BackendError(f"cannot reach Milvus at {uri} ({reason}): start the server or fix --milvus-uri; "
-                           f"a server with authentication needs its token in ${TOKEN_ENV}") from None
+        raise BackendError(f"cannot reach Milvus at {uri} ({reason}): start the server or fix the Milvus URI; "
+                           f"a server with authentication needs its token in ${TOKEN_ENV}",
+                           fix={"milvus_uri": None}) from None
 
 
 class MilvusIndex:

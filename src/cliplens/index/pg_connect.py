@@ -59,8 +59,8 @@ def connect(target: PgTarget):
         return psycopg.connect(target.conninfo, autocommit=True, connect_timeout=CONNECT_TIMEOUT,
                                application_name="cliplens")
     except psycopg.ProgrammingError as exc:  # a malformed URI / conninfo
-        raise BackendError(f"bad --pg-uri ({_first_line(exc)}): use postgresql://user@host:5432/db, "
-                           "host=... dbname=..., or embedded") from None
+        raise BackendError(f"bad PostgreSQL URI ({_first_line(exc)}): use postgresql://user@host:5432/db, "
+                           "host=... dbname=..., or embedded", fix={"pg_uri": None}) from None
     except psycopg.OperationalError as exc:
         raise BackendError(explain_connect_error(exc, target)) from None
 

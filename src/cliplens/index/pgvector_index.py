@@ -87,7 +87,7 @@ class PgvectorIndex:
         if ef_search is not None and self.kind != "hnsw":
             raise BackendError(f"efSearch applies to HNSW tables, not {table} ({self.kind})")
         if probes is not None and self.kind != "ivfflat":
-            raise BackendError(f"probes (--nprobe) applies to IVFFlat tables, not {table} ({self.kind})")
+            raise BackendError(f"probes apply to IVFFlat tables, not {table} ({self.kind})")
 
     def settings(self) -> dict:
         return {"table": self.table, "index": self.kind}
@@ -112,9 +112,11 @@ class PgvectorIndex:
         if index not in INDEX_KINDS:
             raise BackendError(f"unknown pgvector index {index!r}: use one of {', '.join(INDEX_KINDS)}")
         if index != "hnsw" and (m is not None or ef_construction is not None):
-            raise BackendError(f"m and efConstruction set how an HNSW index is built, not {index}: use --pg-index hnsw")
+            raise BackendError(f"m and efConstruction set how an HNSW index is built, not {index}: build an hnsw index",
+                               fix={"pg_index": "hnsw"})
         if index != "ivfflat" and lists is not None:
-            raise BackendError(f"lists sets how an IVFFlat index is built, not {index}: use --pg-index ivfflat")
+            raise BackendError(f"lists sets how an IVFFlat index is built, not {index}: build an ivfflat index",
+                               fix={"pg_index": "ivfflat"})
         target = resolve(store, uri)
         conn = connect(target)
         name = table or default_table(store)

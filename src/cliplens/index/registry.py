@@ -42,6 +42,12 @@ class BackendSpec:
     build: tuple[Option, ...] = ()  # taken when building, besides the search options
     build_defaults: Mapping[str, Any] = field(default_factory=dict)
     label: Callable[[dict, str], str] | None = None  # (settings, knobs) -> "faiss HNSW32 (efSearch 64)"
+    usage: str = ""  # how to pick it on the command line for a build option, e.g. "--backend faiss --faiss-index HNSW32"
+    not_hnsw: Callable[[Mapping[str, Any]], str | None] | None = None  # flags -> "not 'Flat': use ..." or None
+
+    @property
+    def exact(self) -> bool:
+        return self.module is None
 
     def load(self) -> type:
         """The backend's class, imported on first use; BackendError naming the extra when it is missing."""
@@ -81,7 +87,10 @@ REGISTRY: dict[str, BackendSpec] = {spec.name: spec for spec in (
                 "faiss", search=(Option("factory", "--faiss-index"), _EF_SEARCH, Option("nprobe", "--nprobe", "nprobe")),
                 build=(Option("train_size", "--train-size"), Option("ef_construction", "--ef-construction")),
                 build_defaults={"factory": "HNSW32"},
-                label=lambda s, knobs: f"faiss {s['index']}" + (f" ({knobs})" if knobs else "")),
+                label=lambda s, knobs: f"faiss {s['index']}" + (f" ({knobs})" if knobs else ""),
+                usage="--backend faiss --faiss-index HNSW32",
+                not_hnsw=lambda v: None if "HNSW" in (v.get("faiss_index") or "HNSW32").upper() else
+                f"""not {v.get('faiss_index')!r}: use an HNSW factory string such as "HNSW32", or drop --ef-construction"""),
     BackendSpec("milvus", "a Milvus collection (Milvus Lite in the index folder, or a server)",
                 "cliplens.index.milvus_index", "MilvusIndex", "milvus",
                 search=(Option("uri", "--milvus-uri"), Option("collection", "--milvus-collection")),
@@ -92,7 +101,10 @@ REGISTRY: dict[str, BackendSpec] = {spec.name: spec for spec in (
                         Option("probes", "--nprobe", "probes"), Option("scan", "--pg-scan")),
                 build=(Option("index", "--pg-index"), Option("m", "--pg-m"), Option("lists", "--pg-lists"),
                        Option("ef_construction", "--ef-construction")),
-                label=lambda s, knobs: f"pgvector {s['table']} ({s['index']}{', ' + knobs if knobs else ''})"),
+                label=lambda s, knobs: f"pgvector {s['table']} ({s['index']}{', ' + knobs if knobs else ''})",
+                usage="--backend pgvector",
+                not_hnsw=lambda v: None if (v.get("pg_index") or "hnsw") == "hnsw" else
+                f"not --pg-index {v.get('pg_index')}: use --pg-index hnsw, or drop --ef-construction"),
 )}
 BACKENDS = tuple(REGISTRY)
 

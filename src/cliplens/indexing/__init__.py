@@ -67,7 +67,7 @@ class IndexResult:
 
 def index_source(source, encoder, index_dir: str | Path, *, engine: Engine | None = None, reuse: bool = True,
                  options: IndexOptions = IndexOptions()) -> IndexResult:
-    from cliplens.datasets import LabeledImages
+    from cliplens.sources import LabeledImages
     from cliplens.store import read_current_manifest
 
     engine = engine or LocalEngine()
@@ -97,7 +97,7 @@ def index_source(source, encoder, index_dir: str | Path, *, engine: Engine | Non
 
 def _cifar(name: str, *, path=None, split: str = "test", data_dir=None, verify: bool = True, limit=None,
            progress: bool = True, **_):
-    from cliplens.datasets import load_cifar
+    from cliplens.sources import load_cifar
 
     return load_cifar(name, split, data_dir=data_dir, verify=verify, limit=limit, progress=progress)
 

@@ -14,8 +14,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cliplens.datasets.folder import FolderFile, read_sidecar, sidecar_names, walk_folder
-from cliplens.datasets.listfile import ImageList, list_files, read_list
+from cliplens.sources.folder import FolderFile, read_sidecar, sidecar_names, walk_folder
+from cliplens.sources.listfile import ImageList, list_files, read_list
 
 
 @dataclass

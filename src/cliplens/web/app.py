@@ -60,7 +60,7 @@ def create_app(indexes: Mapping[str, object], *, limits: WebLimits = WebLimits()
     gets 400, so a web page that rebinds its own DNS name to 127.0.0.1 cannot read the API from a browser.
     """
     if not indexes:
-        raise CliplensError("no index to serve: pass --index-dir")
+        raise CliplensError("no index to serve: name an index folder", fix={"index_dir": None})
     indexes = dict(indexes)  # name -> the searcher of the index's newest complete generation (see searcher_for)
     names = list(indexes)
     services: dict[int, EncoderService] = {}
@@ -290,7 +290,7 @@ async def _read_form(request, max_upload: int):
 
 
 def _decode_upload(data: bytes, max_pixels: int):
-    from cliplens.datasets.folder import ImageSkipped, ImageTooLarge, decode_image
+    from cliplens.sources.folder import ImageSkipped, ImageTooLarge, decode_image
 
     try:
         return decode_image(io.BytesIO(data), max_pixels=max_pixels)

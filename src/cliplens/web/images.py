@@ -14,7 +14,7 @@ from collections import OrderedDict
 
 import numpy as np
 
-from cliplens.datasets.folder import DEFAULT_MAX_MEGAPIXELS, ImageSkipped, decode_image, open_regular, safe_join
+from cliplens.sources.folder import DEFAULT_MAX_MEGAPIXELS, ImageSkipped, decode_image, open_regular, safe_join
 from cliplens.errors import DatasetError
 
 THUMB_SIZES = (64, 128, 256, 512, 1024)

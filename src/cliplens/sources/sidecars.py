@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 
 from cliplens._safe import MAX_JSON_DEPTH, has_control, json_depth
-from cliplens.datasets._fs import display_name, open_regular
+from cliplens.sources._fs import display_name, open_regular
 
 log = logging.getLogger(__name__)
 

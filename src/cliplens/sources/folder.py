@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
-from cliplens.datasets._fs import display_name, open_regular
-from cliplens.datasets.sidecars import SIDECAR_MAX_BYTES, read_sidecar, sidecar_names  # noqa: F401 (re-exported)
+from cliplens.sources._fs import display_name, open_regular
+from cliplens.sources.sidecars import SIDECAR_MAX_BYTES, read_sidecar, sidecar_names  # noqa: F401 (re-exported)
 from cliplens.errors import DatasetError
 
 log = logging.getLogger(__name__)

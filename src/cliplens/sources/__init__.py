@@ -4,9 +4,9 @@
 unpickle with an allow-list, decode to uint8 (N, 32, 32, 3) RGB).
 """
 
-# Imported on first use (PEP 562): ``cliplens.datasets.folder`` (queries, the web) must not pull in the CIFAR
+# Imported on first use (PEP 562): ``cliplens.sources.folder`` (queries, the web) must not pull in the CIFAR
 # reader and its download stack (urllib, tqdm), ~0.1 s of a torch-free query's start-up.
-_EXPORTS = {"safe_load_pickle": "cliplens.datasets._pickle", **{name: "cliplens.datasets.cifar" for name in (
+_EXPORTS = {"safe_load_pickle": "cliplens.sources._pickle", **{name: "cliplens.sources.cifar" for name in (
     "CIFAR_LAYOUTS", "CIFAR_URLS", "OFFICIAL_MD5", "SPLITS", "CifarLayout", "LabeledImages", "default_data_dir",
     "load_cifar")}}
 

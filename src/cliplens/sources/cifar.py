@@ -17,10 +17,10 @@ from typing import Any
 import numpy as np
 
 from cliplens._files import cliplens_home
-from cliplens.datasets import _download
-from cliplens.datasets._decode import fine_to_coarse, read_batch, read_names, rows_to_images
-from cliplens.datasets._download import checksum_error, file_digests
-from cliplens.datasets._pickle import safe_load_pickle
+from cliplens.sources import _download
+from cliplens.sources._decode import fine_to_coarse, read_batch, read_names, rows_to_images
+from cliplens.sources._download import checksum_error, file_digests
+from cliplens.sources._pickle import safe_load_pickle
 from cliplens.errors import DatasetError
 
 log = logging.getLogger(__name__)

@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cliplens.datasets.folder import FolderFile
+from cliplens.sources.folder import FolderFile
 from cliplens.errors import DatasetError
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from cliplens.datasets._pickle import safe_load_pickle
+from cliplens.sources._pickle import safe_load_pickle
 from cliplens.errors import DatasetError
 
 ROW_BYTES = 3 * 32 * 32  # one image: 1024 red, then 1024 green, then 1024 blue bytes
