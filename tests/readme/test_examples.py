@@ -72,6 +72,13 @@ def user_home(tmp_path_factory, b32_weights):
     for rel in ("2023/beach.jpg", "2023/dog.png", "cat.jpg", "raw/skip.png"):
         (pictures / rel).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(pictures / rel)
+    shop = home / "shop"  # a product catalogue: an image list with captions (cliplens index list)
+    (shop / "img").mkdir(parents=True)
+    rows = ["path,caption"]
+    for i, caption in enumerate(("a red mug", "a blue sofa", "a green lamp", "a wooden chair")):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(shop / "img" / f"p{i}.jpg")
+        rows.append(f"img/p{i}.jpg,{caption}")
+    (shop / "catalogue.csv").write_text("\n".join(rows) + "\n")
     (home / "work").mkdir()
     return home
 
