@@ -43,6 +43,8 @@ from cliplens.store import PARTIAL, IndexStore, IndexWriter, read_current_manife
 
 log = logging.getLogger(__name__)
 
+PHOTOS_FORMAT = 1  # what a folder generation stores besides vectors (metadata and thumbnails, cliplens.sources.photos)
+
 _COPY_ROWS = 8192  # rows copied per write when assembling the index (8192 x 512 x 4 B = 16 MB)
 
 
@@ -78,13 +80,40 @@ class FolderIndexSummary:
     embedded_seconds: float = 0.0
 
     def line(self) -> str:
+        """``9 added, 0 updated, 0 removed, 0 reused, 3 skipped: 1 too large, 2 unreadable (0 unchanged; ...)``."""
+        why = skip_breakdown(r for _, r in self.skipped_files)
         return (f"{self.added} added, {self.updated} updated, {self.removed} removed, {self.reused} reused, "
-                f"{self.skipped} skipped ({self.unchanged} unchanged; {self.total} images in {self.index_dir})")
+                f"{self.skipped} skipped{': ' + why if why else ''} ({self.unchanged} unchanged; {self.total} images "
+                f"in {self.index_dir})")
 
     def to_json(self) -> dict:
         d = dict(self.__dict__)
         d["skipped_files"] = [{"path": p, "reason": r} for p, r in self.skipped_files]
         return d
+
+
+def skip_kind(reason: str) -> str:
+    """The short kind of a skip reason, for the summary line: "unsupported .cr2", "unreadable", "too large"..."""
+    r = reason.lower()
+    if r.startswith("unsupported"):
+        return reason.split(" (")[0]
+    if "megapixel" in r or "bomb" in r:
+        return "too large"
+    if "link" in r:
+        return "unusable link"
+    if "utf-8" in r:
+        return "bad name"
+    if "not a regular file" in r:
+        return "not a file"
+    return "unreadable"
+
+
+def skip_breakdown(reasons) -> str:
+    """``1 unsupported .cr2, 2 unreadable``: skipped files counted by kind, largest first."""
+    from collections import Counter
+
+    counts = Counter(skip_kind(r) for r in reasons)
+    return ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
 
 
 class _ZeroFailed:
@@ -278,14 +307,15 @@ def _index_files(listing, encoder, index_dir: Path, folder: IndexFolder, options
     summary = FolderIndexSummary(root=str(root), index_dir=str(index_dir), total=len(rows), removed=removed,
                                  skipped=len(plan.skipped), skipped_files=tuple(plan.skipped),
                                  embedded_seconds=embedded_seconds, **counts)
-    prev_emb = prev.embeddings if prev is not None else None
-    del prev  # the old embeddings file is replaced when the new index is written
-    _write_index(folder, listing, info, rows, prev_emb, new_vectors, files, summary, options)
+    _write_index(folder, listing, info, rows, prev, new_vectors, files, summary, options)
     return summary
 
 
-def _write_index(folder: IndexFolder, listing, info, rows, prev_emb, new_vectors, files, summary,
+def _write_index(folder: IndexFolder, listing, info, rows, prev, new_vectors, files, summary,
                  options) -> None:
+    from cliplens.sources import photos
+
+    prev_emb = prev.embeddings if prev is not None else None
     root, rels = listing.root, [f.rel for f, *_ in rows]
     columns = listing.columns(rels)
     class_names = listing.class_names(rels)
@@ -293,7 +323,7 @@ def _write_index(folder: IndexFolder, listing, info, rows, prev_emb, new_vectors
     fingerprint = hashlib.sha256(json.dumps([per_row, columns, class_names], ensure_ascii=False).encode()).hexdigest()
     identity = {"model": info.name, "pretrained": info.pretrained, "weights_sha256": info.weights_sha256,
                 "precision": info.precision, "source": listing.kind, "root": str(root), "count": len(rows),
-                "fingerprint": fingerprint, "dtype": options.dtype}
+                "fingerprint": fingerprint, "dtype": options.dtype, "photos": PHOTOS_FORMAT}
     writer = IndexWriter(root=folder.root, identity=identity, dim=info.embed_dim, folder=folder)
     if writer.is_complete():  # same files, same captions, same model: nothing to write
         return
@@ -305,6 +335,10 @@ def _write_index(folder: IndexFolder, listing, info, rows, prev_emb, new_vectors
             block[r] = prev_emb[i] if src == "prev" else new_vectors[i]
         writer.write(lo, block)
     writer.checkpoint(len(rows))
+    # metadata and thumbnails (cliplens.sources.photos): taken over from the previous generation by content
+    photo_cols = photos.build_thumbs([(f.rel, f.mtime_ns, sha) for f, sha, _, _ in rows], root=root,
+                                     out=writer.scratch / photos.THUMBS, max_pixels=options.max_pixels,
+                                     reuse=_photo_reuse(prev), progress=options.progress)
     items = {
         "id": np.arange(len(rows), dtype=np.int64),
         "ref": [f.rel for f, *_ in rows],
@@ -313,6 +347,8 @@ def _write_index(folder: IndexFolder, listing, info, rows, prev_emb, new_vectors
         "size": np.array([f.size for f, *_ in rows], np.int64),
         "sha256": [sha for _, sha, _, _ in rows],
         **columns,
+        **{c: photo_cols[c] for c in photos.META_COLUMNS},
+        **{c: np.asarray(photo_cols[c], np.int64) for c in photos.THUMB_COLUMNS},
     }
     by_file = {f.rel: f for f in files}
     n_new = summary.added + summary.updated
@@ -333,6 +369,37 @@ def _write_index(folder: IndexFolder, listing, info, rows, prev_emb, new_vectors
                   "images_per_second": round(n_new / seconds, 2)} if n_new and seconds > 0 else None,
     }
     writer.finalize(items=items, manifest=manifest)
+
+
+def _photo_reuse(prev):
+    """sha256 -> (metadata, 256 px WebP, 512 px WebP) held by the previous generation, or None."""
+    from cliplens.sources import photos
+
+    if prev is None or not all(c in prev.items for c in (*photos.META_COLUMNS, *photos.THUMB_COLUMNS)):
+        return None
+    by_sha = {str(s): i for i, s in enumerate(prev.items["sha256"])}
+    thumbs = photos.ThumbFile(prev.files / photos.THUMBS, prev.items)
+
+    def reuse(sha):
+        i = by_sha.get(sha)
+        if i is None:
+            return None
+        try:
+            small, big = thumbs.read(i, 256), thumbs.read(i, 512)
+        except OSError:
+            return None
+        if not small or not big:
+            return None
+        meta = {c: _plain(prev.items[c][i]) for c in photos.META_COLUMNS}
+        return meta, small, big
+
+    return reuse
+
+
+def _plain(value):
+    """A numpy scalar as a Python value; NaN (a missing float in parquet) as None."""
+    value = value.item() if hasattr(value, "item") else value
+    return None if isinstance(value, float) and value != value else value
 
 
 def _embed_pending(root: Path, rels: list[str], shas: list[str], encoder, folder: IndexFolder,

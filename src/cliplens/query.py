@@ -17,6 +17,7 @@ mask over the items; ``min_score`` drops hits below a cosine similarity.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import difflib
 import fnmatch
 import math
@@ -39,7 +40,8 @@ QUERY_IMAGE_MAX_PIXELS = 100_000_000
 
 _WEIGHT = re.compile(r"^\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*:(.*)$", re.S)
 _ITEM = re.compile(r"^(?:#|id:)\s*(\d+)$")
-WHERE_KEYS = ("label", "superclass", "path", "caption")
+WHERE_KEYS = ("label", "superclass", "path", "caption", "taken", "camera")
+SORT_KEYS = ("score", "taken", "-taken")
 
 
 @dataclass(frozen=True)
@@ -219,28 +221,68 @@ def _class_hint(terms: Sequence[Term], store) -> str | None:
 
 @dataclass(frozen=True)
 class Where:
-    key: str  # label, superclass, path or caption
+    key: str  # label, superclass, path, caption, taken or camera
     values: tuple[str, ...]  # any of them may match
+    op: str = "="  # taken only: >=, <=, >, < (and = for "within that day, month or year")
 
     def to_json(self) -> str:
-        return f"{self.key}={','.join(self.values)}"
+        return f"{self.key}{self.op}{','.join(self.values)}"
+
+
+_WHERE = re.compile(r"^\s*([A-Za-z_]+)\s*(>=|<=|=|>|<)(.*)$", re.S)
+_DATE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2})(?:[T ](\d{2}):(\d{2})(?::(\d{2}))?)?)?)?$")
+
+
+def date_range(text: str) -> tuple[str, str]:
+    """The [start, end) of the period a date names, as ISO strings comparable with the ``taken`` column:
+    "2023" is the year, "2023-06" the month, "2023-06-14" the day, "2023-06-14T18:02" the minute."""
+    m = _DATE.match(text.strip())
+    if not m:
+        raise QueryError(f"bad date {text!r}: write YYYY, YYYY-MM, YYYY-MM-DD or YYYY-MM-DDTHH:MM")
+    parts = [int(p) for p in m.groups() if p is not None]
+    try:
+        start = datetime.datetime(*parts, *([1] * max(0, 3 - len(parts))))
+    except ValueError:
+        raise QueryError(f"bad date {text!r}: no such day") from None
+    if len(parts) == 1:
+        end = start.replace(year=start.year + 1)
+    elif len(parts) == 2:
+        end = start.replace(year=start.year + start.month // 12, month=start.month % 12 + 1)
+    else:
+        end = start + {3: datetime.timedelta(days=1), 5: datetime.timedelta(minutes=1),
+                       6: datetime.timedelta(seconds=1)}[len(parts)]
+    return start.isoformat(timespec="seconds"), end.isoformat(timespec="seconds")
+
+
+def taken_bounds(w: "Where") -> tuple[str | None, str | None]:
+    """A ``taken`` filter as [low, high) ISO bounds (None: open)."""
+    start, end = date_range(w.values[0])
+    return {">=": (start, None), ">": (end, None), "<": (None, start), "<=": (None, end), "=": (start, end)}[w.op]
 
 
 def parse_where(specs: Sequence[str]) -> tuple[Where, ...]:
     """``["label=tulip,rose", "superclass=flowers", "path=2023/*"]``; the same key twice means either."""
     merged: dict[str, list[str]] = {}
+    ranges: list[Where] = []
     for spec in specs:
-        key, eq, value = spec.partition("=")
-        key = key.strip().lower()
+        m = _WHERE.match(spec)
+        key, op, value = (m.group(1).lower(), m.group(2), m.group(3)) if m else ("", "", "")
         if key == "ref":
             key = "path"
-        if not eq or key not in WHERE_KEYS:
-            raise QueryError(f"bad filter {spec!r}: write KEY=VALUE with KEY one of {', '.join(WHERE_KEYS)}")
+        if not m or key not in WHERE_KEYS:
+            raise QueryError(f"bad filter {spec!r}: write KEY=VALUE with KEY one of {', '.join(WHERE_KEYS)} "
+                             "(taken also takes >=, <=, >, <)")
+        if op != "=" and key != "taken":
+            raise QueryError(f"bad filter {spec!r}: only taken compares with {op}; write {key}=VALUE")
         values = [v.strip() for v in (value.split(",") if key in ("label", "superclass") else [value])]
         if not all(values):
             raise QueryError(f"filter {spec!r} has an empty value")
+        if key == "taken":
+            date_range(values[0])  # a bad date is said now
+            ranges.append(Where(key, (values[0],), op))
+            continue
         merged.setdefault(key, []).extend(values)
-    return tuple(Where(k, tuple(v)) for k, v in merged.items())
+    return tuple(Where(k, tuple(v)) for k, v in merged.items()) + tuple(ranges)
 
 
 def where_mask(store, wheres: Sequence[Where]) -> np.ndarray | None:
@@ -265,6 +307,17 @@ def where_mask(store, wheres: Sequence[Where]) -> np.ndarray | None:
             mask &= np.isin(column, ids)
         elif w.key == "path":  # a glob on the relative path (CIFAR indexes: on the file name in ``ref``)
             mask &= _glob_mask(store.items.get("path", store.items["ref"]), w.values)
+        elif w.key == "taken":  # a date range on the ISO "taken" column (EXIF date, else the file's mtime)
+            if "taken" not in store.items:
+                raise QueryError("this index has no photo dates to filter by (index a folder or a list of photos)")
+            low, high = taken_bounds(w)
+            taken = store.items["taken"]
+            mask &= np.fromiter((t is not None and (low is None or str(t) >= low) and (high is None or str(t) < high)
+                                 for t in taken), bool, count=len(taken))
+        elif w.key == "camera":  # a case-insensitive glob on "Make Model"
+            if "camera" not in store.items:
+                raise QueryError("this index has no camera names to filter by (index a folder or a list of photos)")
+            mask &= _glob_mask(store.items["camera"], [v.lower() for v in w.values], lower=True)
         else:  # caption: a case-insensitive substring
             if "caption" not in store.items:
                 raise QueryError("this index has no captions to filter by")
@@ -274,8 +327,10 @@ def where_mask(store, wheres: Sequence[Where]) -> np.ndarray | None:
 
 def _glob_mask(column, patterns: Sequence[str], *, lower: bool = False) -> np.ndarray:
     def ok(value) -> bool:
+        if value is None or (isinstance(value, float) and value != value):
+            return False
         text = str(value).lower() if lower else str(value)
-        return value is not None and any(fnmatch.fnmatchcase(text, p) for p in patterns)
+        return any(fnmatch.fnmatchcase(text, p) for p in patterns)
 
     return np.fromiter((ok(v) for v in column), bool, count=len(column))
 
@@ -307,6 +362,42 @@ def run_query(searcher, terms: Sequence[Term], k: int, *, templates: Sequence[st
     extra = {**result.extra, "terms": [t.to_json() for t in terms], "where": [w.to_json() for w in where],
              "min_score": min_score}
     return dataclasses.replace(result, extra=extra)
+
+
+def page(searcher, result, k: int, *, offset: int = 0, sort: str = "score", collapse: float | None = None):
+    """Results ``offset`` .. ``offset + k`` of ``result`` (searched for at least that many hits), near-identical
+    hits collapsed into the best of them when ``collapse`` (a cosine threshold) is given, then ordered by
+    ``sort`` (``score``, or ``taken`` / ``-taken``: the photo date, after the score cut)."""
+    from cliplens.duplicates import collapse as group
+
+    if sort not in SORT_KEYS:
+        raise QueryError(f"unknown sort {sort!r}: use {', '.join(SORT_KEYS)}")
+    store, hits = searcher.store, list(result.hits)
+    if collapse is not None:
+        groups = group(store.embeddings, [h.id for h in hits], collapse)
+        by_id = {h.id: h for h in hits}
+        hits = [dataclasses.replace(by_id[g[0]], duplicates=tuple(g[1:])) for g in groups]
+    more = len(hits) > offset + k
+    hits = [dataclasses.replace(h, rank=offset + j + 1) for j, h in enumerate(hits[offset : offset + k])]
+    if sort != "score":
+        if "taken" not in store.items:
+            raise QueryError("this index has no photo dates to sort by (index a folder or a list of photos)")
+        taken = store.items["taken"]
+        dated = [h for h in hits if taken[h.id] is not None]
+        undated = [h for h in hits if taken[h.id] is None]
+        hits = sorted(dated, key=lambda h: str(taken[h.id]), reverse=sort.startswith("-")) + undated
+    precision = result.precision_at_k
+    if result.query_class is not None and (offset or collapse is not None):
+        precision = sum(bool(h.match) for h in hits) / len(hits) if hits else None
+    extra = {**result.extra, "offset": offset, "more": more, "sort": sort,
+             "collapse": {"threshold": collapse} if collapse is not None else None}
+    return dataclasses.replace(result, hits=tuple(hits), k=k, precision_at_k=precision, extra=extra)
+
+
+def fetch_size(k: int, offset: int, n: int, collapse: bool) -> int:
+    """How many hits to search for to fill results ``offset`` .. ``offset + k`` (and know whether there are more)."""
+    want = offset + k + 1
+    return min(n, want * 3 if collapse else want)
 
 
 def search_words(searcher, words: Sequence[str], k: int, *, images: Sequence[str] = (), similar: Sequence[int] = (),

@@ -26,10 +26,14 @@ class Hit:
     label: str | None = None
     superclass: str | None = None
     match: bool | None = None  # label equals the class the query names (None when the query names none)
+    duplicates: tuple[int, ...] = ()  # near-identical items collapsed into this hit (cliplens.duplicates)
 
     def to_json(self) -> dict:
-        return {"rank": self.rank, "id": self.id, "score": round(self.score, 6), "label": self.label,
-                "superclass": self.superclass, "ref": self.ref, "match": self.match}
+        out = {"rank": self.rank, "id": self.id, "score": round(self.score, 6), "label": self.label,
+               "superclass": self.superclass, "ref": self.ref, "match": self.match}
+        if self.duplicates:
+            out["duplicates"] = list(self.duplicates)
+        return out
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,7 @@ from cliplens.writer import (  # noqa: F401  (the writer's names, importable fro
     MANIFEST,
     PARTIAL,
     PROGRESS,
+    THUMBS,
     IndexWriter,
     write_items,
 )
@@ -153,6 +154,12 @@ class IndexStore:
                 raise self._bad(IMAGES, f"cannot be read ({type(exc).__name__})") from None
             if images.dtype != np.uint8 or images.ndim != 4 or images.shape[0] != n or images.shape[3] != 3:
                 raise self._bad(IMAGES, f"is {images.dtype}{images.shape}, expected uint8 ({n}, H, W, 3)")
+        if (self.files / THUMBS).is_file() and "thumb_offset" in self.items and n:
+            ends = (np.asarray(self.items["thumb_offset"], np.int64) + np.asarray(self.items["thumb_256"], np.int64)
+                    + np.asarray(self.items["thumb_512"], np.int64))
+            size = (self.files / THUMBS).stat().st_size
+            if ends.max() > size or (np.asarray(self.items["thumb_offset"]) < 0).any():
+                raise self._bad(THUMBS, f"is {size} bytes, shorter than its items say ({int(ends.max())})")
         if full:
             for lo in range(0, n, _CHECK_ROWS):
                 if not np.isfinite(np.asarray(self.embeddings[lo : lo + _CHECK_ROWS], np.float32)).all():
@@ -200,6 +207,19 @@ class IndexStore:
         """uint8 (N,H,W,3) thumbnails when the source stored them (tiny-image sets), memory-mapped."""
         path = self.files / IMAGES
         return np.load(path, mmap_mode="r") if path.is_file() else None
+
+    @property
+    def has_thumbnails(self) -> bool:
+        return "thumb_offset" in self.items and (self.files / THUMBS).is_file()
+
+    def thumbnail(self, item_id: int, size: int) -> bytes | None:
+        """WebP bytes of item ``item_id``'s stored thumbnail (long side 256, or 512 when ``size`` > 256), or None
+        when the index stores none for it (CIFAR keeps its tiles in images.npy instead)."""
+        if not self.has_thumbnails:
+            return None
+        from cliplens.sources.photos import ThumbFile
+
+        return ThumbFile(self.files / THUMBS, self.items).read(int(item_id), size)
 
     def item(self, item_id: int) -> dict[str, Any]:
         if not 0 <= item_id < len(self):
@@ -256,7 +276,8 @@ def _digest(path: Path) -> str | None:
 
 
 def _py(v):
-    return v.item() if isinstance(v, np.generic) else v
+    v = v.item() if isinstance(v, np.generic) else v
+    return None if isinstance(v, float) and v != v else v  # a missing number (NaN in parquet) is None
 
 
 def read_items(path: Path) -> dict[str, np.ndarray]:

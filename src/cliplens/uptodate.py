@@ -75,6 +75,10 @@ def folder_unchanged(root: Path, index_dir: Path, args):
         return None
     if not same_model(manifest.model, args):
         return None
+    from cliplens.folder_index import PHOTOS_FORMAT
+
+    if manifest.identity.get("photos") != PHOTOS_FORMAT:
+        return None  # written before thumbnails and metadata were stored: the full path adds them
     try:
         items = LazyItems(index_files(index_dir) / ITEMS)
         indexed = list(zip(items["path"], items["size"].tolist(), items["mtime_ns"].tolist()))

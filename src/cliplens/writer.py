@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST, EMBEDDINGS, ITEMS, IMAGES = "manifest.json", "embeddings.npy", "items.parquet", "images.npy"
 PROGRESS, PARTIAL = "progress.json", "embeddings.partial.npy"
+THUMBS = "thumbs.bin"  # photo thumbnails of folder and list sources (cliplens.sources.photos)
 DTYPES = ("float32", "float16")
 _ITEM_BYTES = 256  # a generous estimate of one items.parquet row, for the space check
 
@@ -209,6 +210,8 @@ class IndexWriter:
             write_items(build / ITEMS, items)
             os.replace(build / PARTIAL, build / EMBEDDINGS)
             files = {ITEMS: {"sha256": file_digest(build / ITEMS), "bytes": (build / ITEMS).stat().st_size}}
+            if (build / THUMBS).is_file():  # photo thumbnails (cliplens.sources.photos): size checked on open
+                files[THUMBS] = {"bytes": (build / THUMBS).stat().st_size}
             full = manifest_io.build(count=self.count, dim=self.dim, dtype=self.dtype, identity=self.identity,
                                      created=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                                      version=__version__, fields_=fields_, files=files)

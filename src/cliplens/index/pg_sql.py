@@ -52,10 +52,19 @@ def where_clauses(store, wheres: Sequence, columns: Sequence[str]) -> list[Claus
             out.append(_any_regex("path", w.values))
         elif w.key == "caption" and "caption" in columns:
             out.append(_any_regex("lower(caption)", [f"*{v.lower()}*" for v in w.values]))
+        elif w.key == "taken" and "taken" in columns:  # ISO text compares like the dates it spells
+            from cliplens.query import taken_bounds
+
+            low, high = taken_bounds(w)
+            parts = [("taken >= %s", low), ("taken < %s", high)]
+            kept = [(sql, v) for sql, v in parts if v is not None]
+            out.append(Clause("(" + " AND ".join(sql for sql, _ in kept) + ")", tuple(v for _, v in kept)))
+        elif w.key == "camera" and "camera" in columns:
+            out.append(_any_regex("lower(camera)", [v.lower() for v in w.values]))
         else:  # a key this backend does not translate: the store's own mask, as ids
             from cliplens.query import where_mask
 
-            if w.key in ("label", "superclass", "caption"):
+            if w.key in ("label", "superclass", "caption", "taken", "camera"):
                 where_mask(store, [w])  # raises the usual "this index has no labels/captions" QueryError
             out.append(mask_clause(where_mask(store, [w]), {}))
     return out

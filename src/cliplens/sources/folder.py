@@ -11,6 +11,7 @@ carry on.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import hashlib
 import logging
 import os
@@ -27,9 +28,13 @@ from cliplens.errors import DatasetError
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic", ".heif")
+HEIF_EXTENSIONS = (".heic", ".heif")  # read through pillow-heif (the photos extra)
+# Image files cliplens cannot read: counted as skipped ("unsupported .cr2"), never passed over in silence.
+UNSUPPORTED_EXTENSIONS = (".cr2", ".cr3", ".nef", ".nrw", ".arw", ".srf", ".sr2", ".dng", ".orf", ".rw2", ".raf",
+                          ".pef", ".srw", ".x3f", ".3fr", ".iiq", ".psd", ".psb", ".svg", ".jxl", ".ico", ".exr")
 # PIL plugins allowed to open a file: the formats above (MPO: multi-picture camera JPEGs, in older Pillows).
-PIL_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+PIL_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF")
 DEFAULT_MAX_MEGAPIXELS = 100.0
 _ORIENTATION = 0x0112  # the EXIF orientation tag
 _CHUNK = 1 << 20
@@ -96,10 +101,21 @@ def walk_folder(root: str | Path, *, exclude: Iterable[str] = (), include_hidden
         for name in filenames:
             if not include_hidden and name.startswith("."):
                 continue
-            if not name.lower().endswith(IMAGE_EXTENSIONS):
-                continue
+            lower = name.lower()
+            unsupported = lower.endswith(UNSUPPORTED_EXTENSIONS) or (lower.endswith(HEIF_EXTENSIONS)
+                                                                      and not heif_available())
+            if not unsupported and not lower.endswith(IMAGE_EXTENSIONS):
+                continue  # not an image (sidecars, documents): not ours to count
             rel = rel_dir + name
             if _excluded(rel, name, patterns):
+                continue
+            if unsupported:
+                ext = "." + lower.rsplit(".", 1)[-1]
+                hint = " (pip install 'cliplens[photos]')" if lower.endswith(HEIF_EXTENSIONS) else ""
+                if skipped is None:
+                    log.warning("%s: unsupported %s%s; skipped", display_name(rel), ext, hint)
+                else:
+                    skipped.append((display_name(rel), f"unsupported {ext}{hint}"))
                 continue
             path = Path(dirpath) / name
             reason = None
@@ -163,11 +179,23 @@ def allow_pixels(max_pixels: int) -> None:
         Image.MAX_IMAGE_PIXELS = int(max_pixels)
 
 
+@functools.lru_cache(maxsize=1)
+def heif_available() -> bool:
+    """True when HEIC/HEIF files can be read: pillow-heif (the photos extra) is installed; registers its opener."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
+
+
 def _open(source: str | Path | BinaryIO):
     """PIL image with only its header read; too-large images raise ImageTooLarge, unreadable ones ImageSkipped."""
     from PIL import Image, UnidentifiedImageError
 
     Image.init()  # register every plugin (once): ``formats`` names plugins that open() would load lazily
+    heif_available()
     try:
         return Image.open(source, formats=[f for f in PIL_FORMATS if f in Image.OPEN])
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -18,16 +18,17 @@ from urllib.parse import urlencode
 
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cliplens._safe import redact_paths
 from cliplens.errors import CliplensError
 from cliplens.prompts import TEMPLATE_SETS
-from cliplens.query import Term, parse_query, parse_where, resolve_templates, run_query
-from cliplens.web.images import THUMB_SIZES, ImageNotAvailable, ThumbnailCache, item_image
-from cliplens.web.schemas import ApiError, SearchBody, describe_index, item_json
+from cliplens.query import Term, fetch_size, parse_query, parse_where, resolve_templates, run_query
+from cliplens.query import page as page_of
+from cliplens.web.images import THUMB_SIZES, ImageNotAvailable, ThumbnailCache, item_image, original_file
+from cliplens.web.schemas import ApiError, SearchBody, describe_index, hit_details, item_json
 from cliplens.web.service import EncoderService
 from cliplens.web.study_routes import study_router
 
@@ -135,15 +136,35 @@ def create_app(indexes: Mapping[str, object], *, limits: WebLimits = WebLimits()
             raise ApiError(404, f"no item {item_id} in this index (ids run 0..{n - 1})")
 
     async def run(name: str | None, terms, k: int, *, template=None, where=(), min_score=None, raw=False,
-                  query=None) -> dict:
+                  query=None, offset: int = 0, sort: str = "score", collapse: bool = True) -> dict:
         index_name, searcher = searcher_for(name)
         svc = services[id(searcher.encoder)]
-        k = min(k, len(searcher.store))  # a small index answers with all it has
-        call = partial(run_query, searcher, terms, k, templates=resolve_templates(template), raw=raw,
+        n = len(searcher.store)
+        k = min(k, n)  # a small index answers with all it has
+        threshold, why = collapse_threshold(searcher.store) if collapse else (None, "turned off")
+        fetch = fetch_size(k, offset, n, threshold is not None)
+        call = partial(run_query, searcher, terms, fetch, templates=resolve_templates(template), raw=raw,
                        where=parse_where(list(where)), min_score=min_score, query=query,
                        encode_texts=svc.encode_texts, encode_images=svc.encode_images, max_pixels=limits.max_pixels)
         result = await run_in_threadpool(call)
-        return {"index": index_name, **result.to_json()}
+        result = page_of(searcher, result, k, offset=offset, sort=sort, collapse=threshold)
+        out = {"index": index_name, **result.to_json()}
+        out["collapse"] = {"threshold": threshold, "why": why}
+        for hit in out["hits"]:
+            hit.update(hit_details(searcher.store, hit["id"], index_name))
+        return out
+
+    def collapse_threshold(store) -> tuple[float | None, str]:
+        """The duplicate threshold measured for this index's weights (cliplens.duplicates), or None and why not."""
+        from cliplens.duplicates import recorded
+
+        t = recorded(store.manifest.model)
+        if t is None:
+            return None, "no threshold measured for this model yet: run `cliplens duplicates` once"
+        if not t.usable:
+            return None, (f"this model does not tell re-encoded copies (cosine >= {t.copies_p01:.4f}) from different "
+                          f"images ({t.distinct_p999:.4f}) apart")
+        return t.threshold, "measured on re-encoded copies"
 
     # Parameter declarations shared by several routes (functions: each route gets its own instance).
     def k_param():
@@ -161,6 +182,15 @@ def create_app(indexes: Mapping[str, object], *, limits: WebLimits = WebLimits()
     def min_score_param():
         return Query(None, ge=-1.0, le=1.0, description="drop hits below this cosine similarity")
 
+    def offset_param():
+        return Query(0, ge=0, le=limits.max_k, description="skip this many results (the next page)")
+
+    def sort_param():
+        return Query("score", pattern="^(score|taken|-taken)$", description="score, or taken / -taken (photo date)")
+
+    def collapse_param():
+        return Query(True, description="collapse near-identical results into one (a duplicates list on the hit)")
+
     # ------------------------------------------------------------------ routes
     @app.get("/healthz", tags=["meta"])
     async def healthz():
@@ -177,9 +207,10 @@ def create_app(indexes: Mapping[str, object], *, limits: WebLimits = WebLimits()
                                         description='text, or combined: "2:red tractor" - snow + #12'),
                          k: int = k_param(), index: str | None = index_param(), template: str | None = template_param(),
                          where: list[str] = where_param(), min_score: float | None = min_score_param(),
-                         raw: bool = False):
+                         raw: bool = False, offset: int = offset_param(), sort: str = sort_param(),
+                         collapse: bool = collapse_param()):
         return await run(index, parse_query(q, allow_paths=False), k, template=template, where=where,
-                         min_score=min_score, raw=raw, query=q)
+                         min_score=min_score, raw=raw, query=q, offset=offset, sort=sort, collapse=collapse)
 
     @app.post("/api/search", tags=["search"], openapi_extra=SearchBody.openapi_request_body())
     async def search_post(request: Request):
@@ -188,7 +219,8 @@ def create_app(indexes: Mapping[str, object], *, limits: WebLimits = WebLimits()
             raw_body = await _read_limited(request, 256 * 1024)
             body = SearchBody.parse(raw_body, limits)
             return await run(body.index, body.to_terms(), body.k, template=body.template, where=body.where,
-                             min_score=body.min_score, raw=body.raw, query=body.q)
+                             min_score=body.min_score, raw=body.raw, query=body.q, offset=body.offset,
+                             sort=body.sort, collapse=body.collapse)
         if ctype == "multipart/form-data":
             form = await _read_form(request, limits.max_upload_bytes)
             try:
@@ -202,7 +234,8 @@ def create_app(indexes: Mapping[str, object], *, limits: WebLimits = WebLimits()
             name = upload.filename or "upload"
             terms = [Term("image", name, body.image_weight, image=image), *body.to_terms(False)]
             return await run(body.index, terms, body.k, template=body.template, where=body.where,
-                             min_score=body.min_score, raw=body.raw, query=body.q or f"image {name}")
+                             min_score=body.min_score, raw=body.raw, query=body.q or f"image {name}",
+                             offset=body.offset, sort=body.sort, collapse=body.collapse)
         raise ApiError(415, "send JSON (application/json) or an image upload (multipart/form-data)")
 
     @app.get("/api/items/{item_id}", tags=["items"])
@@ -210,7 +243,30 @@ def create_app(indexes: Mapping[str, object], *, limits: WebLimits = WebLimits()
         name, searcher = searcher_for(index)
         check_item(searcher, item_id)
         image_url = f"/api/items/{item_id}/image?" + urlencode({"index": name})
-        return {"index": name, **item_json(searcher.store, item_id), "image_url": image_url}
+        return {"index": name, **item_json(searcher.store, item_id), "image_url": image_url,
+                **hit_details(searcher.store, item_id, name)}
+
+    @app.get("/api/items/{item_id}/original", tags=["items"], response_class=Response,
+             responses={200: {"content": {"image/*": {}}}})
+    async def get_item_original(item_id: int, index: str | None = index_param()):
+        """The item's own file, as it is on disk: only for an indexed item of a folder or list, inside its folder."""
+        _, searcher = searcher_for(index)
+        check_item(searcher, item_id)
+        try:
+            f, media, filename, size = await run_in_threadpool(original_file, searcher.store, item_id)
+        except ImageNotAvailable as exc:
+            raise ApiError(404, str(exc)) from None
+
+        def chunks():
+            with f:
+                while block := f.read(1 << 20):
+                    yield block
+
+        quoted = filename.encode("ascii", "replace").decode().replace('"', "")
+        return StreamingResponse(chunks(), media_type=media, headers={
+            "Content-Length": str(size), "Content-Disposition": f'inline; filename="{quoted}"',
+            "X-Content-Type-Options": "nosniff", "Content-Security-Policy": "default-src 'none'; sandbox",
+            "Cache-Control": "private, max-age=300"})
 
     @app.get("/api/items/{item_id}/image", tags=["items"], response_class=Response,
              responses={200: {"content": {"image/png": {}, "image/jpeg": {}}}})
@@ -233,11 +289,12 @@ def create_app(indexes: Mapping[str, object], *, limits: WebLimits = WebLimits()
 
     @app.get("/api/similar/{item_id}", tags=["search"])
     async def similar(item_id: int, k: int = k_param(), index: str | None = index_param(),
-                      where: list[str] = where_param(), min_score: float | None = min_score_param()):
+                      where: list[str] = where_param(), min_score: float | None = min_score_param(),
+                      offset: int = offset_param(), sort: str = sort_param(), collapse: bool = collapse_param()):
         _, searcher = searcher_for(index)
         check_item(searcher, item_id)
         return await run(index, [Term("item", item_id)], k, where=where, min_score=min_score,
-                         query=f"more like #{item_id}")
+                         query=f"more like #{item_id}", offset=offset, sort=sort, collapse=collapse)
 
     app.include_router(study_router(indexes=indexes, searcher_for=searcher_for, services=services, run=run))
 

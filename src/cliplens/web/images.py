@@ -9,6 +9,7 @@ server read /etc/passwd), decoded with the same safety limits as indexing and sh
 from __future__ import annotations
 
 import io
+import os
 import threading
 from collections import OrderedDict
 
@@ -17,7 +18,7 @@ import numpy as np
 from cliplens.sources.folder import DEFAULT_MAX_MEGAPIXELS, ImageSkipped, decode_image, open_regular, safe_join
 from cliplens.errors import DatasetError
 
-THUMB_SIZES = (64, 128, 256, 512, 1024)
+THUMB_SIZES = (64, 128, 256, 512, 1024, 2048)  # 1024 and 2048: the viewer, from the original
 # Decodes in flight at once. A PNG (which has no reduced decode) costs its full size while decoding, so this
 # bounds the server's image memory at about this many images at the pixel limit; JPEGs cost 1/64 of that.
 _DECODES = threading.BoundedSemaphore(2)
@@ -63,16 +64,16 @@ def item_image(store, item_id: int, size: int) -> tuple[bytes, str]:
         scale = max(1, size // max(tile.shape[:2]))
         big = tile.repeat(scale, axis=0).repeat(scale, axis=1)  # nearest-neighbour enlargement
         return _encode(Image.fromarray(big), "PNG")
-    source = store.manifest.source
-    if source is None or source.type not in ("folder", "list") or "path" not in store.items:
-        raise ImageNotAvailable(f"index {store.root.name} stores no images to show")
-    rel = str(store.items["path"][item_id])
-    try:
-        path = safe_join(source.root, rel)
-    except DatasetError as exc:
-        raise ImageNotAvailable(str(exc)) from None
-    if not path.is_file():
-        raise ImageNotAvailable(f"the image file of item {item_id} is gone; run `cliplens index` on the folder again")
+    if size <= 512 and getattr(store, "has_thumbnails", False):  # stored when indexed: no decoding of the photo
+        data = store.thumbnail(item_id, size)
+        if data and size >= 256:
+            return data, "image/webp"
+        if data:  # smaller than the smallest stored size: shrink the 256 px thumbnail
+            with Image.open(io.BytesIO(data)) as im:
+                im = im.convert("RGB")
+                im.thumbnail((size, size), Image.Resampling.LANCZOS)
+                return _encode(im, "WEBP")
+    source, path = original_path(store, item_id)
     max_pixels = int(float(source.options.get("max_megapixels") or DEFAULT_MAX_MEGAPIXELS) * 1_000_000)
     with _DECODES:  # at most this many images decoding at once, whatever the number of requests
         try:
@@ -87,7 +88,41 @@ def item_image(store, item_id: int, size: int) -> tuple[bytes, str]:
         return _encode(im, "JPEG")
 
 
+def original_path(store, item_id: int):
+    """(source info, path) of item ``item_id``'s own file: only an indexed item of a folder or list source, only
+    inside the indexed folder (links resolved), only a regular file; else ImageNotAvailable."""
+    source = store.manifest.source
+    if source is None or source.type not in ("folder", "list") or "path" not in store.items:
+        raise ImageNotAvailable(f"index {store.root.name} stores no images to show")
+    rel = str(store.items["path"][item_id])
+    try:
+        path = safe_join(source.root, rel)
+    except DatasetError as exc:
+        raise ImageNotAvailable(str(exc)) from None
+    if not path.is_file():
+        raise ImageNotAvailable(f"the image file of item {item_id} is gone; run `cliplens index` on the folder again")
+    return source, path
+
+
+MEDIA_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png", ".webp": "image/webp",
+               ".gif": "image/gif", ".bmp": "image/bmp", ".tif": "image/tiff", ".tiff": "image/tiff",
+               ".avif": "image/avif", ".heic": "image/heic", ".heif": "image/heif"}
+MAX_ORIGINAL_BYTES = 1 << 30
+
+
+def original_file(store, item_id: int):
+    """(open binary file, media type, file name, size) of item ``item_id``'s own file (see :func:`original_path`);
+    the file is opened here, checked on its descriptor, so a swap after the check cannot serve another file."""
+    source, path = original_path(store, item_id)
+    try:
+        f = open_regular(path, root=source.root, max_bytes=MAX_ORIGINAL_BYTES)
+    except OSError as exc:
+        raise ImageNotAvailable(f"cannot read item {item_id}'s file ({exc.strerror or type(exc).__name__})") from None
+    size = os.fstat(f.fileno()).st_size
+    return f, MEDIA_TYPES.get(path.suffix.lower(), "application/octet-stream"), path.name, size
+
+
 def _encode(im, fmt: str) -> tuple[bytes, str]:
     buf = io.BytesIO()
-    im.save(buf, format=fmt, **({"quality": 85} if fmt == "JPEG" else {}))
-    return buf.getvalue(), "image/png" if fmt == "PNG" else "image/jpeg"
+    im.save(buf, format=fmt, **({"quality": 85} if fmt in ("JPEG", "WEBP") else {}))
+    return buf.getvalue(), {"PNG": "image/png", "WEBP": "image/webp"}.get(fmt, "image/jpeg")

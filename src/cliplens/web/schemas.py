@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import urlencode
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -48,6 +49,9 @@ class SearchBody(BaseModel):
     where: list[str] = Field(default_factory=list, max_length=20)
     min_score: float | None = Field(None, ge=-1.0, le=1.0)
     raw: bool = False
+    offset: int = Field(0, ge=0, description="skip this many results (the next page)")
+    sort: str = Field("score", pattern="^(score|taken|-taken)$", description="score, or taken / -taken")
+    collapse: bool = Field(True, description="collapse near-identical results into one")
     image_weight: float = Field(1.0, ge=-MAX_WEIGHT, le=MAX_WEIGHT, description="multipart only: the image's weight")
 
     # ---------------------------------------------------------------- building
@@ -71,7 +75,7 @@ class SearchBody(BaseModel):
         if not isinstance(upload, UploadFile):
             raise ApiError(422, "image: upload the image as the multipart field 'image'")
         data: dict[str, Any] = {}
-        for key in ("q", "k", "index", "template", "min_score", "raw"):
+        for key in ("q", "k", "index", "template", "min_score", "raw", "offset", "sort", "collapse"):
             value = form.get(key)
             if isinstance(value, str) and value != "":
                 data[key] = value
@@ -89,6 +93,8 @@ class SearchBody(BaseModel):
             raise ApiError(422, msg) from None
         if body.k > limits.max_k:
             raise ApiError(422, f"k: must be at most {limits.max_k}")
+        if body.offset > limits.max_k:
+            raise ApiError(422, f"offset: must be at most {limits.max_k}")
         if body.q is not None and len(body.q) > limits.max_query_chars:
             raise ApiError(422, f"q: at most {limits.max_query_chars} characters")
         if need_terms and body.q is None and not body.terms:
@@ -153,7 +159,69 @@ def describe_index(name: str, store) -> dict:
         "classes": [c.replace("_", " ") for c in store.class_names],
         "superclasses": [c.replace("_", " ") for c in store.superclass_names],
         "has_images": store.images() is not None or (source is not None and source.type in ("folder", "list")),
+        "has_superclasses": bool(store.superclass_names),
+        "has_thumbnails": bool(getattr(store, "has_thumbnails", False)),
+        "tiny": _tiny(store),  # CIFAR-size tiles: the page scales them up pixelated
+        "has_originals": source is not None and source.type in ("folder", "list"),
+        **photo_facets(store),
+        "examples": example_queries(store),
     }
+
+
+def _tiny(store) -> bool:
+    images = store.images()
+    return images is not None and max(images.shape[1:3]) <= 64
+
+
+def photo_facets(store) -> dict:
+    """For the page's filters: the cameras (most photos first) and the range of dates taken, where the index has them."""
+    from collections import Counter
+
+    out: dict[str, Any] = {}
+    if "camera" in store.items:
+        counts = Counter(c for c in store.items["camera"] if isinstance(c, str) and c)
+        out["cameras"] = [c for c, _ in counts.most_common(50)]
+    if "taken" in store.items:
+        dates = [t for t in store.items["taken"] if isinstance(t, str) and t]
+        out["taken_range"] = [min(dates), max(dates)] if dates else None
+    return out
+
+
+def example_queries(store, n: int = 6) -> list[str]:
+    """Queries that fit this index: a spread of its class names; for photos, frequent words of the captions; else
+    nothing (the page then suggests kinds of query)."""
+    import re
+    from collections import Counter
+
+    if store.class_names:
+        names = [c.replace("_", " ") for c in store.class_names]
+        step = max(1, len(names) // n)
+        return names[::step][:n]
+    if "caption" in store.items:
+        stop = {"a", "an", "the", "of", "on", "in", "with", "and", "at", "to", "for", "is", "by", "from", "my"}
+        words = Counter(w for c in store.items["caption"] if isinstance(c, str)
+                        for w in re.findall(r"[a-z]{3,}", c.lower()) if w not in stop)
+        return [w for w, _ in words.most_common(n)]
+    return []
+
+
+PHOTO_FIELDS = ("path", "caption", "taken", "taken_from", "camera", "lat", "lon", "width", "height")
+
+
+def hit_details(store, item_id: int, index: str) -> dict:
+    """What a result tile and the viewer show beside the score: the photo metadata columns the index has, and the
+    thumbnail URLs (256 px, 512 px for 2x screens)."""
+    items = store.items
+    out: dict[str, Any] = {}
+    for key in PHOTO_FIELDS:
+        if key in items:
+            v = items[key][item_id]
+            v = v.item() if hasattr(v, "item") else v
+            out[key] = None if isinstance(v, float) and v != v else v
+    q = urlencode({"index": index})
+    out["thumb"] = f"/api/items/{item_id}/image?size=256&{q}"
+    out["thumb2x"] = f"/api/items/{item_id}/image?size=512&{q}"
+    return out
 
 
 def item_json(store, item_id: int) -> dict:
