@@ -8,7 +8,6 @@ from pathlib import Path
 from cliplens.cli import common
 from cliplens.cli.common import add_model_flags, default_index_dir
 from cliplens.errors import CliplensError
-from cliplens.index.registry import spec
 
 
 def _ks(text: str) -> tuple[int, ...]:
@@ -119,7 +118,7 @@ def summary(report, ks) -> str:
     lines.append("published (ViT-B/32 openai, not measured here): zero-shot top-1 65.1% CLIP paper, 64.5% "
                  "CLIP_benchmark, 64.2% open_clip")
     ranked_by = report.retrieval_index
-    through = ("" if spec(ranked_by["backend"]).exact
+    through = ("" if ranked_by.get("depth") is None  # the exact index ranks every item
                else f"  (ranked by {ranked_by['backend']}, top {ranked_by['depth']})")
     lines += ["", f"{'retrieval':<14}{'mAP':>7}" + "".join(f"{'P@' + str(k):>8}" for k in ks)
               + f"{'FP in-super@' + str(ks[-1]):>16}{through}"]
