@@ -2,10 +2,12 @@
 
 Two items are near-identical when their image embeddings' cosine is at or above a threshold *measured for the
 model*: a seeded sample of the index's own images is re-encoded (resized, saved as JPEG at quality 70-90) and
-embedded beside the originals (:func:`cliplens.suspects.copy_threshold`); the threshold is the 1st percentile of
-the copy-to-original cosines, so 99% of such copies are caught. The same sample's distinct pairs are measured
-too: when their 99.9th percentile reaches the threshold the model cannot tell copies from different pictures
-(random stand-in weights, for one), and collapsing stays off rather than merging different photos.
+embedded beside the originals (:func:`cliplens.suspects.copy_threshold`), and the same sample's pairs of different
+images are measured too. The threshold is the 1st percentile of the copy-to-original cosines, lowered by a quarter
+of the gap down to the different pairs' 99th percentile: 99% of the sampled copies and harsher ones still clear
+it, different pictures stay well below. when their 99th percentile reaches the threshold the model cannot tell copies from different
+pictures (random stand-in weights, for one), and collapsing stays off rather than merging different photos (the
+99th, not the maximum: a library's own duplicates are among those pairs, a few in a hundred at most).
 
 A measurement is recorded per weights sha256 in ``$CLIPLENS_HOME/calibration/<sha256>.duplicates.json`` (made by
 ``cliplens duplicates``, or by ``cliplens index`` on a folder or list when it has the model loaded anyway), and
@@ -28,6 +30,7 @@ from cliplens.errors import CliplensError
 log = logging.getLogger(__name__)
 
 SAMPLE = 64
+GAP_SHARE = 0.25  # of the gap between copies and different images, taken off the copies' 1st percentile
 _CHUNK = 2048
 
 
@@ -39,7 +42,7 @@ class DuplicatesError(CliplensError):
 class Threshold:
     threshold: float | None  # None: the model does not separate copies from distinct images (no collapsing)
     copies_p01: float  # 1st percentile of copy-to-original cosines
-    distinct_p999: float  # 99.9th percentile of cosines between different sampled images
+    distinct_p99: float  # 99th percentile of cosines between different sampled images
     sample: int
     measured: bool = True  # False: given by the user (--threshold)
 
@@ -93,10 +96,10 @@ def measure(encoder, store, *, sample: int = SAMPLE, seed: int = 0) -> Threshold
     copies = copy_threshold(encoder, images, sample=len(images), seed=seed)
     emb = np.asarray(encoder.encode_images([_pil(a) for a in images]), np.float64)
     cos = emb @ emb.T
-    distinct = float(np.quantile(cos[np.triu_indices(len(emb), 1)], 0.999))
-    t = copies["threshold"]
-    return Threshold(threshold=float(t) if t > distinct else None, copies_p01=float(t), distinct_p999=distinct,
-                     sample=len(images))
+    distinct = float(np.quantile(cos[np.triu_indices(len(emb), 1)], 0.99))
+    c = float(copies["threshold"])
+    return Threshold(threshold=c - GAP_SHARE * (c - distinct) if c > distinct else None, copies_p01=c,
+                     distinct_p99=distinct, sample=len(images))
 
 
 def _pil(a):
@@ -129,7 +132,7 @@ def recorded(model) -> Threshold | None:
         return None
     try:
         data = json.loads(path.read_text())
-        return Threshold(data["threshold"], float(data["copies_p01"]), float(data["distinct_p999"]),
+        return Threshold(data["threshold"], float(data["copies_p01"]), float(data["distinct_p99"]),
                          int(data["sample"]))
     except (OSError, ValueError, KeyError, TypeError):
         log.warning("ignoring the unreadable duplicate threshold %s", path)

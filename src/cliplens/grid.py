@@ -9,6 +9,7 @@ from typing import Sequence
 import numpy as np
 
 from cliplens._files import atomic_path
+from cliplens.errors import StoreError
 
 GREEN, RED, GREY = (34, 160, 60), (210, 40, 40), (150, 150, 150)
 
@@ -56,3 +57,23 @@ def save_grid(path: str | Path, images, captions, matches, **kwargs) -> Path:
     with atomic_path(path) as tmp:
         img.save(tmp, format={".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}.get(path.suffix.lower(), "PNG"))
     return path
+
+
+def store_tiles(store, ids) -> list:
+    """Images to draw for ``ids``: CIFAR tiles, or the photos' stored 256 px thumbnails (aspect kept)."""
+    import io
+
+    from PIL import Image
+
+    images = store.images()
+    if images is not None:
+        return [images[i] for i in ids]
+    if not store.has_thumbnails:
+        raise StoreError(f"{store.root} stores no thumbnails, so no grid can be drawn: index the folder again "
+                            "with this cliplens")
+    out = []
+    for i in ids:
+        data = store.thumbnail(int(i), 256)
+        with Image.open(io.BytesIO(data)) as im:
+            out.append(np.asarray(im.convert("RGB")))
+    return out

@@ -402,12 +402,20 @@ def fetch_size(k: int, offset: int, n: int, collapse: bool) -> int:
 
 def search_words(searcher, words: Sequence[str], k: int, *, images: Sequence[str] = (), similar: Sequence[int] = (),
                  where: Sequence[str] = (), min_score: float | None = None, template: str | None = None,
-                 raw: bool = False):
-    """The CLI's ``search``: words (combined syntax), ``--image``, ``--similar``, ``--where``, ``--min-score``.
+                 raw: bool = False, offset: int = 0, sort: str = "score", collapse: float | None = None,
+                 paged: bool = False):
+    """The CLI's ``search``: words (combined syntax), ``--image``, ``--similar``, ``--where``, ``--min-score``,
+    ``--offset``, ``--sort`` and near-duplicate collapsing (``collapse``: a cosine threshold, see :func:`page`);
+    ``paged``: also say whether there are more results (``more``), as a page does.
 
-    A plain query (one text term, weight 1, one template, no filter) takes the core ``Searcher.search`` path,
-    so its result is exactly what it always was.
+    A plain query (one text term, weight 1, one template, no filter, first page by score, nothing collapsed)
+    takes the core ``Searcher.search`` path, so its result is exactly what it always was.
     """
+    if paged or offset or sort != "score" or collapse is not None:
+        n = len(searcher.store)
+        found = search_words(searcher, words, fetch_size(k, offset, n, collapse is not None), images=images,
+                             similar=similar, where=where, min_score=min_score, template=template, raw=raw)
+        return page(searcher, found, k, offset=offset, sort=sort, collapse=collapse)
     terms = list(parse_terms(words)) if words else []
     terms += [_classify(f"image:{p}", 1.0, allow_paths=True) for p in images]
     terms += [Term("item", int(i)) for i in similar]

@@ -18,7 +18,7 @@ from cliplens.errors import CliplensError
 
 # Modules that add subcommands, in help order. Each has ``register(subparsers)``.
 COMMAND_MODULES = ["cliplens.cli.core", "cliplens.cli.evaluate", "cliplens.cli.web", "cliplens.cli.bench", "cliplens.cli.scale",
-                   "cliplens.cli.study", "cliplens.cli.study_models"]
+                   "cliplens.cli.study", "cliplens.cli.study_models", "cliplens.cli.photos"]
 
 
 class _HelpFormatter(argparse.HelpFormatter):

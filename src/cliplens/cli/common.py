@@ -18,7 +18,7 @@ FLAGS = {"image": "--image PATH", "similar": "--similar ID", "index_dir": "--ind
          "pretrained": "--pretrained TAG", "device": "--device", "precision": "--precision", "seeds": "--seeds N",
          "templates": "--templates", "retrieval_depth": "--retrieval-depth N", "limit_per_class": "--limit-per-class N",
          "pg_index": "--pg-index", "pg_uri": "--pg-uri URI", "milvus_uri": "--milvus-uri URI",
-         "ray_address": "--ray-address ADDR"}
+         "ray_address": "--ray-address ADDR", "threshold": "--threshold T"}
 
 
 def word_error(exc: CliplensError) -> str:
@@ -102,6 +102,16 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {value}")
     return value
 
 

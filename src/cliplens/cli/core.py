@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import Counter
 from pathlib import Path
 
@@ -15,11 +16,13 @@ from cliplens.cli.common import (  # noqa: F401  (importable from here as before
     cosine_float,
     default_index_dir,
     model_choice,
+    non_negative_int,
     positive_int,
     text_only_encoder,
 )
 from cliplens.errors import CliplensError
 
+log = logging.getLogger(__name__)
 CASE_STUDIES = ("tractor", "tulip", "seal", "telephone")  # CIFAR-100 classes 89, 92, 72, 86
 
 
@@ -74,6 +77,26 @@ def index_cifar(args, source: str, *, engine=None):
     return index_dir, encoder, result
 
 
+def _measure_duplicates(index_dir: Path, encoder) -> None:
+    """Once per weights, while the model is loaded anyway: measure the near-duplicate threshold on this photo
+    index (cliplens.duplicates) so search and serve can collapse copies. Never fails the index run."""
+    from cliplens import duplicates
+    from cliplens.store import IndexStore
+
+    if encoder is None or not getattr(encoder, "loaded", True) or not encoder.info.weights_sha256:
+        return
+    if duplicates.recorded(encoder.info) is not None:
+        return
+    try:
+        store = IndexStore.open(index_dir)
+        if len(store) < 8:
+            return
+        t = duplicates.measure(getattr(encoder, "encoder", encoder), store)
+        duplicates.record(encoder.info, t, index=str(index_dir))
+    except CliplensError as exc:
+        log.info("near-duplicate threshold not measured: %s", exc)
+
+
 def check_index_kind(index_dir: Path, *, kind: str | None, force: bool) -> None:
     """Refuse to write one kind of index (a CIFAR split: None, "folder", "list") over another unless ``--force``."""
     from cliplens.store import read_current_manifest
@@ -115,6 +138,7 @@ def cmd_index(args) -> int:
     else:
         index_dir = args.index_dir or default_index_dir(f"folder-{Path(args.source).expanduser().resolve().name or 'root'}")
     check_index_kind(index_dir, kind=None if cifar else ("list" if kind == "list" else "folder"), force=args.force)
+    encoder = None
     if cifar:
         index_dir, _, result = index_cifar(args, kind, engine=engine)
     else:
@@ -130,12 +154,14 @@ def cmd_index(args) -> int:
                                max_megapixels=args.max_megapixels, rebuild=args.rebuild or args.force,
                                replace_other=args.force)
         try:
-            result = index_source(source, common.lazy_model(args, index_dir), index_dir, engine=engine, options=options)
+            encoder = common.lazy_model(args, index_dir)
+            result = index_source(source, encoder, index_dir, engine=engine, options=options)
         except IndexExistsError as exc:
             raise CliplensError(f"{exc}: pass --rebuild to replace it, or give another --index-dir") from None
     if result.summary is not None:  # a folder or a list: what changed
         where = Path(args.path) if kind == "list" else Path(args.source).expanduser()
         print(f"{where}: {result.summary.line()}")
+        _measure_duplicates(index_dir, encoder)
     elif result.embedded == 0:
         print(f"{index_dir}: already complete ({result.manifest.count} images), nothing to do")
     else:
@@ -185,12 +211,18 @@ def cmd_search(args) -> int:
         print(f"cliplens: note: the index holds {len(searcher.store)} items, so showing {len(searcher.store)} "
               f"instead of {k}", file=sys.stderr)
         k = len(searcher.store)
+    collapse = None if args.no_collapse else duplicate_threshold(searcher.store)
     result = search_words(searcher, args.query, k, images=args.image, similar=args.similar, where=args.where,
-                          min_score=min_score, template=args.template, raw=args.raw)
-    if args.json:
+                          min_score=min_score, template=args.template, raw=args.raw, offset=args.offset,
+                          sort={"oldest": "taken", "newest": "-taken"}.get(args.sort, args.sort), collapse=collapse,
+                          paged=True)
+    if args.paths:
+        for h in result.hits:  # nothing else on stdout: for `| xargs open` and `| fzf`
+            print(printable(item_path(searcher.store, h.id)))
+    elif args.json:
         print(json.dumps({**result.to_json(), "backend": backend_settings(args, index)}, indent=2))
     else:
-        print(format_result(result, searcher, backend=backend_label(args, index)))
+        print(format_result(result, searcher, backend=backend_label(args, index), absolute=args.absolute))
     if args.grid:
         path = save_result_grid(searcher, result, args.grid)
         if not args.json:
@@ -212,28 +244,57 @@ def _prepare_text_only(encoder) -> None:
         textonly.build_cache(encoder)
 
 
-def format_result(result, searcher, *, backend: str = "exact") -> str:
+def duplicate_threshold(store) -> float | None:
+    """The near-duplicate threshold measured for this index's weights, when the model separates copies."""
+    from cliplens.duplicates import recorded
+
+    t = recorded(store.manifest.model)
+    return t.threshold if t is not None and t.usable else None
+
+
+def item_path(store, item_id: int) -> str:
+    """The absolute path of an item's file (folder and list indexes)."""
+    source = store.manifest.source
+    if source is None or source.type not in ("folder", "list") or "path" not in store.items:
+        raise CliplensError(f"the items of {store.root} are not files (a {source.name if source else 'data'} set): "
+                            "--paths and --absolute need a folder or list index")
+    return str(Path(source.root) / str(store.items["path"][item_id]))
+
+
+def format_result(result, searcher, *, backend: str = "exact", absolute: bool = False) -> str:
+    store = searcher.store
     lines = [f'query "{printable(result.query)}" -> prompt "{printable(result.prompt)}"  '
-             f"({searcher.store.manifest.model.short_label()}, {len(searcher.store)} images, {backend} search)"]
-    labelled = searcher.store.has_labels
-    header = f"{'rank':>4}  {'score':>7}  {'id':>6}  " + (f"{'label':<22}{'superclass'}" if labelled else "ref")
+             f"({store.manifest.model.short_label()}, {len(store)} images, {backend} search)"]
+    labelled = store.has_labels
+    dated = result.extra.get("sort", "score") != "score" and "taken" in store.items
+    captions = "caption" in store.items and not labelled
+    header = f"{'rank':>4}  {'score':>7}  {'id':>6}  " + ("taken       " if dated else "") + (
+        f"{'label':<22}{'superclass'}" if labelled else "path" if absolute else "ref")
     lines.append(header)
     for h in result.hits:
         mark = {True: " ✓", False: " ✗", None: ""}[h.match]
-        tail = f"{printable(h.label or '') + mark:<22}{h.superclass or ''}" if labelled else printable(h.ref)
-        lines.append(f"{h.rank:>4}  {h.score:7.4f}  {h.id:>6}  {tail}")
+        if labelled:
+            tail = f"{printable(h.label or '') + mark:<22}{h.superclass or ''}"
+        else:
+            tail = printable(item_path(store, h.id) if absolute else h.ref)
+            caption = store.items["caption"][h.id] if captions else None
+            if isinstance(caption, str) and caption:
+                tail += f"  {printable(caption[:60] + ('...' if len(caption) > 60 else ''))}"
+        if h.duplicates:
+            tail += f"  (+{len(h.duplicates)} near-identical: {', '.join(f'#{i}' for i in h.duplicates[:5])})"
+        when = f"{str(store.items['taken'][h.id] or '')[:10]:<12}" if dated else ""
+        lines.append(f"{h.rank:>4}  {h.score:7.4f}  {h.id:>6}  {when}{tail}")
+    if result.extra.get("more"):
+        lines.append(f"more results: add --offset {result.extra.get('offset', 0) + len(result.hits)}")
     if result.precision_at_k is not None:
         lines.append(f'precision@{len(result.hits)} for class "{result.query_class}": {result.precision_at_k:.2f}')
     return "\n".join(lines)
 
 
 def save_result_grid(searcher, result, path) -> Path:
-    from cliplens.grid import save_grid
+    from cliplens.grid import save_grid, store_tiles
 
-    images = searcher.store.images()
-    if images is None:
-        raise CliplensError("this index stores no thumbnails, so --grid cannot draw it")
-    tiles = [images[h.id] for h in result.hits]
+    tiles = store_tiles(searcher.store, [h.id for h in result.hits])
     captions = [f"{h.label or h.ref}\n{h.score:.3f} #{h.id}" for h in result.hits]
     title = f'"{result.prompt}"' + (f"  precision@{len(result.hits)} = {result.precision_at_k:.2f}"
                                     if result.precision_at_k is not None else "")
@@ -370,6 +431,15 @@ def register(sub) -> None:
     p.add_argument("--raw", action="store_true", help="encode the query exactly as typed (no template)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--grid", type=Path, default=None, help="save the results as an image grid (PNG)")
+    p.add_argument("--paths", action="store_true",
+                   help="print only the absolute paths of the hits, one per line (for | xargs open, | fzf)")
+    p.add_argument("--absolute", action="store_true", help="show absolute paths in the table")
+    p.add_argument("--offset", type=non_negative_int, default=0, help="skip this many results (the next page)")
+    p.add_argument("--sort", default="score", choices=["score", "taken", "oldest", "newest"],
+                   help="order the hits above the score cut by date taken (taken or oldest: oldest first; newest)")
+    p.add_argument("--no-collapse", action="store_true",
+                   help="show near-identical images separately (by default they are collapsed into the best one "
+                        "when a threshold is measured for the model: cliplens duplicates)")
     add_model_flags(p, for_query=True)
     add_backend_flags(p)
     p.set_defaults(handler=cmd_search)

@@ -163,7 +163,7 @@ def create_app(indexes: Mapping[str, object], *, limits: WebLimits = WebLimits()
             return None, "no threshold measured for this model yet: run `cliplens duplicates` once"
         if not t.usable:
             return None, (f"this model does not tell re-encoded copies (cosine >= {t.copies_p01:.4f}) from different "
-                          f"images ({t.distinct_p999:.4f}) apart")
+                          f"images ({t.distinct_p99:.4f}) apart")
         return t.threshold, "measured on re-encoded copies"
 
     # Parameter declarations shared by several routes (functions: each route gets its own instance).
