@@ -80,4 +80,17 @@ def evaluate_captions(store, encoder, *, ks: Sequence[int] = KS, batch_size: int
     result = caption_recall(np.asarray(store.embeddings, np.float32), text_emb, owner, ks)
     result["definition"] = "CLIP_benchmark zeroshot_retrieval; captions encoded as written"
     result["images_with_captions"] = int(len(np.unique(owner)))
+    result["examples"] = caption_examples(np.asarray(store.embeddings, np.float32), text_emb, texts, owner)
     return result
+
+
+def caption_examples(image_emb, text_emb, texts, owner, *, n: int = 3, k: int = 8) -> list[dict]:
+    """A few captions (spread over the list) with their top ``k`` images, for the report's figures."""
+    picks = sorted(set(np.linspace(0, len(texts) - 1, min(n, len(texts))).astype(int).tolist()))
+    out = []
+    for t in picks:
+        scores = image_emb @ text_emb[t]
+        top = np.lexsort((np.arange(len(scores)), -scores))[: min(k, len(scores))]
+        out.append({"caption": texts[t], "image": int(owner[t]), "ids": top.tolist(),
+                    "scores": [round(float(scores[i]), 6) for i in top]})
+    return out

@@ -77,3 +77,24 @@ def store_tiles(store, ids) -> list:
         with Image.open(io.BytesIO(data)) as im:
             out.append(np.asarray(im.convert("RGB")))
     return out
+
+
+class StoreTiles:
+    """An index's images by id, for figures: CIFAR tiles, or the photos' stored 256 px thumbnails, decoded on use."""
+
+    def __init__(self, store):
+        self.store = store
+
+    def __getitem__(self, item_id: int):
+        return store_tiles(self.store, [int(item_id)])[0]
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+
+def figure_images(store):
+    """What a report can draw an index's items with (None when the index stores no images)."""
+    tiles = store.images()
+    if tiles is not None:
+        return tiles
+    return StoreTiles(store) if getattr(store, "has_thumbnails", False) else None

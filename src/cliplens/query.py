@@ -254,6 +254,16 @@ def date_range(text: str) -> tuple[str, str]:
     return start.isoformat(timespec="seconds"), end.isoformat(timespec="seconds")
 
 
+def taken_strings(column) -> list[str | None]:
+    """A ``taken`` column as ISO strings ("2023-06-14T18:02:11") or None: photo indexes store strings; a
+    datetime64 column (NaT for missing) is converted, so both compare the same way."""
+    values = np.asarray(column)
+    if values.dtype.kind == "M":
+        text = np.datetime_as_string(values, unit="s")
+        return [None if np.isnat(v) else str(t) for v, t in zip(values, text)]
+    return [v if isinstance(v, str) and v else None for v in values]
+
+
 def taken_bounds(w: "Where") -> tuple[str | None, str | None]:
     """A ``taken`` filter as [low, high) ISO bounds (None: open)."""
     start, end = date_range(w.values[0])
@@ -311,8 +321,8 @@ def where_mask(store, wheres: Sequence[Where]) -> np.ndarray | None:
             if "taken" not in store.items:
                 raise QueryError("this index has no photo dates to filter by (index a folder or a list of photos)")
             low, high = taken_bounds(w)
-            taken = store.items["taken"]
-            mask &= np.fromiter((t is not None and (low is None or str(t) >= low) and (high is None or str(t) < high)
+            taken = taken_strings(store.items["taken"])
+            mask &= np.fromiter((t is not None and (low is None or t >= low) and (high is None or t < high)
                                  for t in taken), bool, count=len(taken))
         elif w.key == "camera":  # a case-insensitive glob on "Make Model"
             if "camera" not in store.items:
@@ -382,10 +392,10 @@ def page(searcher, result, k: int, *, offset: int = 0, sort: str = "score", coll
     if sort != "score":
         if "taken" not in store.items:
             raise QueryError("this index has no photo dates to sort by (index a folder or a list of photos)")
-        taken = store.items["taken"]
+        taken = taken_strings(store.items["taken"])
         dated = [h for h in hits if taken[h.id] is not None]
         undated = [h for h in hits if taken[h.id] is None]
-        hits = sorted(dated, key=lambda h: str(taken[h.id]), reverse=sort.startswith("-")) + undated
+        hits = sorted(dated, key=lambda h: taken[h.id], reverse=sort.startswith("-")) + undated
     precision = result.precision_at_k
     if result.query_class is not None and (offset or collapse is not None):
         precision = sum(bool(h.match) for h in hits) / len(hits) if hits else None
@@ -413,6 +423,8 @@ def search_words(searcher, words: Sequence[str], k: int, *, images: Sequence[str
     """
     if paged or offset or sort != "score" or collapse is not None:
         n = len(searcher.store)
+        if not isinstance(k, int) or not 1 <= k <= n:
+            raise QueryError(f"k must be between 1 and the index size {n}, got {k}")
         found = search_words(searcher, words, fetch_size(k, offset, n, collapse is not None), images=images,
                              similar=similar, where=where, min_score=min_score, template=template, raw=raw)
         return page(searcher, found, k, offset=offset, sort=sort, collapse=collapse)

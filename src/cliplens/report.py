@@ -199,21 +199,29 @@ def _resolution(r: EvalReport) -> Section:
         Table(("upscaling", "top-1", "seconds"), rows)))
 
 
-def _captions(c: dict) -> Section:
+def _captions(c: dict, images=None) -> Section:
     rows = tuple((f"recall@{k}", pct(c[f"text_to_image_recall@{k}"]), pct(c[f"image_to_text_recall@{k}"]))
                  for k in c["ks"])
-    return Section("Caption retrieval", (
+    blocks: list = [
         f"{c['captions']} captions of {c['images_with_captions']} images, each caption encoded as written and "
         "ranked against every image (text to image), each image against every caption (image to text: a hit is "
         "any of its captions). CLIP_benchmark's definitions.",
-        Table(("", "text to image", "image to text"), rows)))
+        Table(("", "text to image", "image to text"), rows)]
+    for n, ex in enumerate((c.get("examples") or []) if images is not None else []):
+        ids = ex["ids"]
+        caps = [f"{s:.3f} #{i}" for i, s in zip(ids, ex["scores"])]
+        blocks.append(Figure(f"caption_{n}", f"Top {len(ids)} images for the caption '{ex['caption'][:80]}' (green "
+                             "border: the image it describes).",
+                             grid_png([images[i] for i in ids], caps, [i == ex["image"] for i in ids],
+                                      ex["caption"][:60])))
+    return Section("Caption retrieval", tuple(blocks))
 
 
 def build_sections(r: EvalReport, *, ks: Sequence[int], images: np.ndarray | None = None) -> list[Section]:
     warning = weights_warning(r)
     head = [*([Section("Warning", (warning,))] if warning else []), Section("Index and model", (_model_line(r.manifest),))]
     if r.caption_retrieval is not None:
-        head.append(_captions(r.caption_retrieval))
+        head.append(_captions(r.caption_retrieval, images))
     if not r.class_names:  # a captioned index without labels: caption retrieval is all there is to measure
         return head
     sections = [*head, _zero_shot(r, len(r.class_names), images), _retrieval(r, ks), *_cases(r, images)]

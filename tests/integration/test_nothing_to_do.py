@@ -41,7 +41,7 @@ def test_unchanged_folder_needs_no_model_and_changes_do(folder, tiny_model, tmp_
     idx = tmp_path / "idx"
     first = _index(capsys, photos, "--index-dir", idx, "--model", tiny_model)
     good, bad = len(folder_fixture.GOOD), len(folder_fixture.BAD)
-    assert first.strip() == f"{photos}: {good} added, 0 updated, 0 removed, 0 reused, {bad} skipped (0 unchanged; {good} images in {idx})"
+    assert first.strip() == f"{photos}: {good} added, 0 updated, 0 removed, 0 reused, {bad} skipped: 2 unreadable, 1 too large (0 unchanged; {good} images in {idx})"
     import cliplens.cli.common as common
 
     real = common.load_model
@@ -49,7 +49,7 @@ def test_unchanged_folder_needs_no_model_and_changes_do(folder, tiny_model, tmp_
     monkeypatch.setattr(common, "load_model", lambda *a, **k: calls.append(1) or real(*a, **k))
     again = _index(capsys, photos, "--index-dir", idx, "--model", tiny_model)
     assert calls == []  # decided without the model, and it says what the full path says for an unchanged folder
-    assert again.strip() == f"{photos}: 0 added, 0 updated, 0 removed, 0 reused, {bad} skipped ({good} unchanged; {good} images in {idx})"
+    assert again.strip() == f"{photos}: 0 added, 0 updated, 0 removed, 0 reused, {bad} skipped: 2 unreadable, 1 too large ({good} unchanged; {good} images in {idx})"
     import cliplens.uptodate as uptodate
 
     fast_path = []  # what the no-op check answered on each run: True when it found nothing to do

@@ -268,7 +268,6 @@ def test_duplicates_are_found_on_reencoded_copies_and_not_on_distinct_photos(tmp
     t = duplicates.measure(enc, store)
     assert t.usable and t.copies_p01 > t.threshold > t.distinct_p99
     assert t.threshold == pytest.approx(t.copies_p01 - 0.25 * (t.copies_p01 - t.distinct_p99))
-    e = store.embeddings
     groups = duplicates.all_groups(store.embeddings, t.threshold)
     rows = by_path(store)
     named = sorted(sorted(str(store.items["path"][i]) for i in g["ids"]) for g in groups)
@@ -360,3 +359,23 @@ def test_api_original_serves_only_indexed_files(api, photo_index, photos):
     assert api.get("/api/items/99/original", params={"index": "photos"}).status_code == 404
     r = api.get(f"/api/items/{i}/image", params={"index": "photos", "size": 2048})  # the viewer, from the HEIC
     assert r.status_code == 200 and Image.open(io.BytesIO(r.content)).size == (64, 48)
+
+
+def test_the_report_of_a_captioned_photo_index_shows_its_photos(tmp_path, tiny_model, capsys):
+    lib = tmp_path / "shop"
+    lib.mkdir()
+    rows = ["path,caption"]
+    for i, caption in enumerate(("a red mug", "a blue sofa", "a green lamp", "a wooden chair", "a white vase")):
+        photo_fixture.picture(200 + i, 90, 60).save(lib / f"p{i}.jpg")
+        rows.append(f"p{i}.jpg,{caption}")
+    (lib / "list.csv").write_text("\n".join(rows) + "\n")
+    assert main(["index", "list", str(lib / "list.csv"), "--index-dir", str(tmp_path / "i"), "--model", tiny_model,
+                 "--device", "cpu", "-q"]) == 0
+    code, out, _ = run(capsys, "evaluate", "--index-dir", tmp_path / "i", "--out", tmp_path / "r", "--device", "cpu")
+    assert code == 0
+    figures = sorted(p.name for p in (tmp_path / "r" / "figures").glob("caption_*.png"))
+    assert figures == ["caption_0.png", "caption_1.png", "caption_2.png"]
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    ex = metrics["caption_retrieval"]["examples"][0]
+    assert ex["caption"] == "a red mug" and len(ex["ids"]) == 5 and ex["image"] == 0
+    assert "caption_0.png" in (tmp_path / "r" / "report.md").read_text()

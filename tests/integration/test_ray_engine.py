@@ -155,7 +155,7 @@ def test_cli_folder_engine_ray_equals_local_and_stays_incremental(tiny_model, tm
 
     first_local, first_ray = both()
     good = len(folder_fixture.GOOD)
-    assert first_ray == first_local == f"{good} added, 0 updated, 0 removed, 0 reused, 3 skipped (0 unchanged; {good}"
+    assert first_ray == first_local == f"{good} added, 0 updated, 0 removed, 0 reused, 3 skipped: 2 unreadable, 1 too large (0 unchanged; {good}"
     _same_folder_index(remote, local)
     skipped = {s["path"] for s in IndexStore.open(remote).manifest.folder["skipped"]}
     assert "truncated.png" in skipped  # its decoding failed on a Ray worker, and the driver heard of it
@@ -169,7 +169,7 @@ def test_cli_folder_engine_ray_equals_local_and_stays_incremental(tiny_model, tm
     (photos / "f.tiff").unlink()  # removed
     Image.fromarray(folder_fixture.noise(rng, 24, 24)).save(photos / "new.png")  # added
     second_local, second_ray = both()
-    want = f"1 added, 1 updated, 1 removed, 1 reused, 3 skipped ({good - 3} unchanged; {good}"
+    want = f"1 added, 1 updated, 1 removed, 1 reused, 3 skipped: 2 unreadable, 1 too large ({good - 3} unchanged; {good}"
     assert second_ray == second_local == want
     _same_folder_index(remote, local)
     assert runs[-1][0] == 2  # only new.png and the changed e.bmp were embedded, on Ray

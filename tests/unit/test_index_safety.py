@@ -262,6 +262,6 @@ def test_an_unchanged_source_is_not_re_embedded_and_loads_no_model(photos, tmp_p
     assert main(_cli(tiny_model, photos, "--index-dir", folder_out)) == 0
     assert main(cifar) == 0
     out = capsys.readouterr().out
-    assert f"0 added, 0 updated, 0 removed, 0 reused, 3 skipped ({len(folder_fixture.GOOD)} unchanged" in out
+    assert f"0 added, 0 updated, 0 removed, 0 reused, 3 skipped: 2 unreadable, 1 too large ({len(folder_fixture.GOOD)} unchanged" in out
     assert "already complete (200 images), nothing to do" in out
     assert (index_files(folder_out), index_files(cifar_out)) == gens

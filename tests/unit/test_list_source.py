@@ -90,7 +90,7 @@ def test_a_list_index_serves_its_images(catalogue, tmp_path, tiny_encoder):
     assert result.embedded == 3 and result.manifest.count == 3
     with TestClient(create_app({"c": Searcher(encoder=tiny_encoder, store=IndexStore.open(out))}), base_url="http://127.0.0.1") as client:
         r = client.get("/api/items/0/image")
-        assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
+        assert r.status_code == 200 and r.headers["content-type"] == "image/webp"  # the stored thumbnail
         assert client.get("/api/indexes").json()["indexes"][0]["source"] == "list"
 
 

@@ -72,7 +72,9 @@ def _exact(store, q, k, allowed=None):
 
 WHERES = [["label=class_1,class_3"], ["superclass=super_1"], ["path=dir1/*"], ["path=*/img-1?.jpg"],
           ["path=dir[02]/img-[!1]*"], ["caption=red"], ["caption=RED CAR"], ["caption=ÜNÏ"], ["caption=r*car"],
-          ["label=class_2", "path=dir0/*"], ["path=dir1/*", "path=dir2/*"], ["path=nothing*"]]
+          ["label=class_2", "path=dir0/*"], ["path=dir1/*", "path=dir2/*"], ["path=nothing*"],
+          ["taken>=2024-01-20"], ["taken<2024-01-05", "camera=cam-1"], ["taken=2024-01-07"], ["taken<=2024-01-03"],
+          ["taken>2024-01-27"], ["camera=CAM-2"], ["camera=cam-[01]"], ["taken=2023"]]
 
 
 @pytest.mark.parametrize("index_kind", ["none", "hnsw"])

@@ -78,7 +78,9 @@ def cmd_evaluate(args) -> int:
     else:
         raise CliplensError(f"index at {store.root} has neither labels nor captions: evaluate needs one of them "
                             "(cifar100, cifar10, or a folder or list with captions)")
-    paths = write_report(report, args.out, ks=args.k, images=store.images(), json_path=args.json,
+    from cliplens.grid import figure_images
+
+    paths = write_report(report, args.out, ks=args.k, images=figure_images(store), json_path=args.json,
                          extra_sections=[_map_section(store)] if store.has_labels else [])
     print(summary(report, args.k) if store.has_labels else caption_summary(report))
     if store.has_labels and captions is not None:
