@@ -289,7 +289,10 @@ def test_viewer_shows_the_photo_and_its_details(open_page, api, library):
     got = page.evaluate("""async (href) => { const r = await fetch(href); const b = new Uint8Array(await r.arrayBuffer());
         let s = ''; for (const x of b) s += String.fromCharCode(x); return btoa(s); }""", href)
     assert base64.b64decode(got) == (library["photos"] / hit["path"]).read_bytes()
-    screenshot(page, "photos-viewer.png")
+    if os.environ.get("CLIPLENS_SCREENSHOTS"):  # a wider window: the grid shows around the viewer
+        page.set_viewport_size({"width": 1680, "height": 1000})
+        screenshot(page, "photos-viewer.png")
+        page.set_viewport_size(DESKTOP)
 
     # Esc: the viewer closes, focus is back on the photo's tile, the URL forgets the item
     page.keyboard.press("Escape")
@@ -452,6 +455,7 @@ def test_near_identical_photos_collapse_behind_a_badge(open_page, api):
     order = tile_ids(page)
     assert order[order.index(head["id"]) + 1] == copy  # beside its group's tile
     page.set_viewport_size({"width": 1280, "height": 1000})
+    page.wait_for_function("document.getElementById('cut-count').dataset.count !== undefined")
     screenshot(page, "photos-grid.png")
     badge.click()
     page.wait_for_selector(f'#results .tile[data-id="{copy}"]', state="detached")

@@ -547,7 +547,9 @@
 
   function showViewerPosition(id) {
     const list = tiles(), at = list.findIndex((t) => t.dataset.id === String(id));
-    $("viewer-pos").textContent = at >= 0 ? `${at + 1} of ${list.length}${shown && shown.more ? "+" : ""}` : "";
+    const pos = at >= 0 ? `${at + 1} of ${list.length}${shown && shown.more ? "+" : ""}` : "";
+    $("viewer-pos").textContent = pos;
+    $("viewer-announce").textContent = [$("viewer-title").textContent, pos].filter(Boolean).join(", ");
     $("viewer-prev").disabled = at <= 0;
     $("viewer-next").disabled = at < 0 || (at === list.length - 1 && !(shown && shown.more));
   }
@@ -740,7 +742,7 @@
   cameraSel.addEventListener("change", () => navigate({ camera: cameraSel.value, view: null }, "push"));
   sortSel.addEventListener("change", () => navigate({ sort: sortSel.value, view: null }, "push"));
   for (const [input, key] of [[fromInput, "from"], [toInput, "to"]]) {
-    input.addEventListener("change", () => { if (!input.value || input.checkValidity()) navigate({ [key]: input.value, view: null }, "push"); });
+    input.addEventListener("change", () => navigate({ [key]: input.value, view: null }, "push"));  // "" until a whole date
   }
   collapseBox.addEventListener("change", () => navigate({ collapse: collapseBox.checked, view: null }, "push"));
   slider.addEventListener("input", () => showCutCount(sliderValue()));
@@ -769,9 +771,6 @@
   viewer.addEventListener("cancel", (e) => { e.preventDefault(); closeViewer(); });
   viewer.addEventListener("close", () => { if (state.view !== null) closeViewer(); });
   viewer.addEventListener("click", (e) => { if (e.target === viewer) closeViewer(); });  // the backdrop
-  viewer.addEventListener("keydown", (e) => {
-    if (e.key === "ArrowLeft" || e.key === "ArrowRight") { e.preventDefault(); step(e.key === "ArrowLeft" ? -1 : 1); }
-  });
 
   let dragDepth = 0;
   const hasFiles = (e) => e.dataTransfer && Array.from(e.dataTransfer.types || []).includes("Files");
@@ -787,7 +786,10 @@
   });
 
   document.addEventListener("keydown", (e) => {
-    if (viewer.open) return;  // the viewer has its own keys
+    if (viewer.open) {  // the viewer's keys (Esc: its cancel event), wherever the focus is
+      if (e.key === "ArrowLeft" || e.key === "ArrowRight") { e.preventDefault(); step(e.key === "ArrowLeft" ? -1 : 1); }
+      return;
+    }
     const inField = ["INPUT", "SELECT", "TEXTAREA"].includes(document.activeElement.tagName);
     if (e.key === "/" && !inField) { e.preventDefault(); q.focus(); q.select(); return; }
     if (e.key === "Escape") { clearTimeout(timer); q.value = ""; navigate({ q: "", image: null, view: null }, "push"); q.focus(); return; }
