@@ -121,10 +121,12 @@ def test_search_similar_drop_and_keyboard(server, tiny_index, tmp_path):
             page.select_option("#index", "cifar100-test")
             page.wait_for_function("document.getElementById('status').textContent.includes('in cifar100-test ')")
 
-            # click a result: more like this
+            # click a result: the viewer opens; its "More like this" searches for the like of it
             first = page.locator("#results .tile").first
             clicked = first.get_attribute("data-id")
             first.click()
+            page.wait_for_selector("#viewer[open]")
+            page.click("#viewer-similar")
             page.wait_for_function(f"document.getElementById('status').textContent.includes('like #{clicked}')")
             ids = page.locator("#results .tile").evaluate_all("ts => ts.map(t => t.dataset.id)")
             assert len(ids) == 24 and clicked not in ids
@@ -143,6 +145,14 @@ def test_search_similar_drop_and_keyboard(server, tiny_index, tmp_path):
             page.keyboard.press("ArrowRight")
             focused = page.evaluate("document.activeElement.dataset.id")
             assert focused == page.locator("#results .tile").nth(1).get_attribute("data-id")
+            page.keyboard.press("Enter")  # opens the viewer; Esc goes back to the tile
+            page.wait_for_selector("#viewer[open]")
+            page.keyboard.press("Escape")
+            page.wait_for_selector("#viewer", state="hidden")
+            assert page.evaluate("document.activeElement.dataset.id") == focused
+            page.keyboard.press("Enter")
+            page.wait_for_selector("#viewer[open]")
+            page.focus("#viewer-similar")
             page.keyboard.press("Enter")
             page.wait_for_function(f"document.getElementById('status').textContent.includes('like #{focused}')")
 
