@@ -165,7 +165,22 @@ def describe_index(name: str, store) -> dict:
         "has_originals": source is not None and source.type in ("folder", "list"),
         **photo_facets(store),
         "examples": example_queries(store),
+        "calibration": calibration_of(store),
     }
+
+
+def calibration_of(store) -> dict:
+    """The calibrated cut recorded for this index's weights and the page's default prompt ("single"), or {}: the
+    page marks it on its relevance slider without asking (and without a 404) first."""
+    from cliplens.calibrate import lookup
+    from cliplens.errors import CliplensError
+
+    try:
+        entry = lookup(store.manifest.model, "a photo of a {}.")
+    except CliplensError:
+        return {}
+    keep = ("threshold", "precision", "recall", "target_precision")
+    return {"single": {k: entry.get(k) for k in keep}}
 
 
 def _tiny(store) -> bool:

@@ -650,7 +650,7 @@
     return c && !itemQuery(state.q) && !state.image ? c.threshold : null;
   }
 
-  // Asked for when the cut is first pointed at or focused: an index without a calibration answers 404.
+  // Other prompt sets: asked for when the cut is first pointed at or focused (none recorded: a 404).
   async function loadCalibration() {
     const key = calibrationKey();
     if (key in calibration) return;
@@ -807,7 +807,11 @@
   fetch("/api/indexes").then((r) => r.json()).then((body) => {
     indexes = body.indexes;
     limits = { ...limits, ...(body.limits || {}) };
-    for (const i of indexes) indexSel.append(new Option(`${i.name} (${i.count})`, i.name));
+    for (const i of indexes) {
+      indexSel.append(new Option(`${i.name} (${i.count})`, i.name));
+      // the calibrated cut of the default prompt comes with the index list: marked at once, no request
+      calibration[`${i.name}|single`] = (i.calibration && i.calibration.single) || null;
+    }
     for (const t of body.template_sets) templateSel.append(new Option(t, t));
     state = fromQuery(location.search, history.state);
     if (!state.q && !state.image && q.value.trim()) state.q = q.value.trim();  // typed before the list came
