@@ -274,9 +274,10 @@ def _index_files(listing, encoder, index_dir: Path, folder: IndexFolder, options
     t0 = time.perf_counter()
     todo = plan.todo
     new_vectors = np.zeros((0, info.embed_dim), np.float32)
+    fresh_thumbs: dict = {}  # rel -> thumbnails made while embedding (local engine)
     if todo:
         new_vectors, failed = _embed_pending(root, [t[0].rel for t in todo], [t[1] for t in todo], encoder,
-                                             folder, options, embed_fn=embed_fn)
+                                             folder, options, embed_fn=embed_fn, thumbs=fresh_thumbs)
         plan.skipped += [(todo[pos][0].rel, reason) for pos, reason in sorted(failed.items())]
     embedded_seconds = time.perf_counter() - t0
     for rel, reason in plan.skipped:
@@ -307,12 +308,12 @@ def _index_files(listing, encoder, index_dir: Path, folder: IndexFolder, options
     summary = FolderIndexSummary(root=str(root), index_dir=str(index_dir), total=len(rows), removed=removed,
                                  skipped=len(plan.skipped), skipped_files=tuple(plan.skipped),
                                  embedded_seconds=embedded_seconds, **counts)
-    _write_index(folder, listing, info, rows, prev, new_vectors, files, summary, options)
+    _write_index(folder, listing, info, rows, prev, new_vectors, files, summary, options, fresh_thumbs)
     return summary
 
 
 def _write_index(folder: IndexFolder, listing, info, rows, prev, new_vectors, files, summary,
-                 options) -> None:
+                 options, fresh_thumbs=None) -> None:
     from cliplens.sources import photos
 
     prev_emb = prev.embeddings if prev is not None else None
@@ -338,7 +339,7 @@ def _write_index(folder: IndexFolder, listing, info, rows, prev, new_vectors, fi
     # metadata and thumbnails (cliplens.sources.photos): taken over from the previous generation by content
     photo_cols = photos.build_thumbs([(f.rel, f.mtime_ns, sha) for f, sha, _, _ in rows], root=root,
                                      out=writer.scratch / photos.THUMBS, max_pixels=options.max_pixels,
-                                     reuse=_photo_reuse(prev), progress=options.progress)
+                                     reuse=_photo_reuse(prev), fresh=fresh_thumbs, progress=options.progress)
     items = {
         "id": np.arange(len(rows), dtype=np.int64),
         "ref": [f.rel for f, *_ in rows],
@@ -403,8 +404,8 @@ def _plain(value):
 
 
 def _embed_pending(root: Path, rels: list[str], shas: list[str], encoder, folder: IndexFolder,
-                   options: FolderIndexOptions, *,
-                   embed_fn: Callable | None = None) -> tuple[np.ndarray, dict[int, str]]:
+                   options: FolderIndexOptions, *, embed_fn: Callable | None = None,
+                   thumbs: dict | None = None) -> tuple[np.ndarray, dict[int, str]]:
     """Embed ``rels`` into a resumable "pending" build of ``folder``; return (vectors, failed position -> reason).
 
     The build stays in the folder's scratch space until the new generation is committed, so a run killed while
@@ -416,7 +417,9 @@ def _embed_pending(root: Path, rels: list[str], shas: list[str], encoder, folder
                 "fingerprint": hashlib.sha256(json.dumps([rels, shas]).encode()).hexdigest(),
                 "dtype": "float32", "batch_size": batch_size}
     writer = IndexWriter(root=folder.root, identity=identity, dim=info.embed_dim, kind="pending", folder=folder)
-    source = FolderSource(root, rels, max_pixels=options.max_pixels)
+    made: dict[int, tuple] = {}  # position -> thumbnails, made by the decoding threads (local engine only)
+    in_process = embed_fn is None or getattr(getattr(embed_fn, "__self__", None), "in_process", False)
+    source = FolderSource(root, rels, max_pixels=options.max_pixels, thumbs=made if in_process else None)
     (embed_fn or embed_into)(source, encoder, _ZeroFailed(writer, source.failed), batch_size=batch_size,
                              checkpoint_every=1, workers=options.workers, progress=options.progress)
     writer.close()
@@ -424,4 +427,6 @@ def _embed_pending(root: Path, rels: list[str], shas: list[str], encoder, folder
     failed = dict(source.failed)
     for pos in np.flatnonzero(~vectors.any(axis=1)):  # zero rows: failed here or in an interrupted earlier run
         failed.setdefault(int(pos), "could not be decoded")
+    if thumbs is not None:
+        thumbs.update({rels[pos]: t for pos, t in made.items() if pos not in failed})
     return vectors, failed

@@ -259,7 +259,7 @@ def test_duplicates_are_found_on_reencoded_copies_and_not_on_distinct_photos(tmp
     # the index's vectors: the pixel layout too, so that search, collapse and groups see the same geometry
     import cliplens.folder_index as fi
 
-    def pixel_pending(root, rels, shas, encoder, folder, options, embed_fn=None):
+    def pixel_pending(root, rels, shas, encoder, folder, options, embed_fn=None, thumbs=None):
         return enc.encode_images([Image.open(root / r) for r in rels]).astype(np.float32), {}
 
     monkeypatch.setattr(fi, "_embed_pending", pixel_pending)
@@ -379,3 +379,17 @@ def test_the_report_of_a_captioned_photo_index_shows_its_photos(tmp_path, tiny_m
     ex = metrics["caption_retrieval"]["examples"][0]
     assert ex["caption"] == "a red mug" and len(ex["ids"]) == 5 and ex["image"] == 0
     assert "caption_0.png" in (tmp_path / "r" / "report.md").read_text()
+
+
+def test_thumbnails_come_from_the_decode_that_embeds(photos, tiny_model, tmp_path, monkeypatch, capsys):
+    """Indexing decodes each new photo once: its thumbnails are made from the image decoded for the model."""
+    import cliplens.sources.photos as photos_mod
+
+    monkeypatch.setattr(photos_mod, "describe_file", lambda *a, **k: pytest.fail("a photo was decoded twice"))
+    code, out, _ = run(capsys, "index", photos, "--index-dir", tmp_path / "i", "--model", tiny_model, "--device",
+                       "cpu", "-q")
+    store = IndexStore.open(tmp_path / "i")
+    assert code == 0 and store.has_thumbnails and len(store) == len(photo_fixture.PHOTOS)
+    for i in range(len(store)):
+        with Image.open(io.BytesIO(store.thumbnail(i, 512))) as im:
+            assert im.format == "WEBP" and (im.width, im.height) == (store.item(i)["width"], store.item(i)["height"])

@@ -38,6 +38,8 @@ class Engine(Protocol):
 class LocalEngine:
     """This process: a thread pool preprocessing a few batches ahead of the model."""
 
+    in_process = True  # what the source's decoding threads make (thumbnails) stays here to be used
+
     def embed_into(self, source, encoder, writer, **kwargs):
         from cliplens.embed import embed_into
 

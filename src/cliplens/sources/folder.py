@@ -36,6 +36,7 @@ UNSUPPORTED_EXTENSIONS = (".cr2", ".cr3", ".nef", ".nrw", ".arw", ".srf", ".sr2"
 # PIL plugins allowed to open a file: the formats above (MPO: multi-picture camera JPEGs, in older Pillows).
 PIL_FORMATS = ("JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "HEIF")
 DEFAULT_MAX_MEGAPIXELS = 100.0
+FRESH_THUMB_BYTES = 64 << 20  # thumbnails made while embedding, held until the index is written
 _ORIENTATION = 0x0112  # the EXIF orientation tag
 _CHUNK = 1 << 20
 
@@ -302,9 +303,13 @@ class FolderSource:
     transform (a bicubic resize of the whole image); JPEG draft decoding would change the pixels.
     """
 
-    def __init__(self, root: Path, rels: list[str], *, max_pixels: int):
+    def __init__(self, root: Path, rels: list[str], *, max_pixels: int, thumbs: dict | None = None):
         self.root, self.rels, self.max_pixels = root, rels, max_pixels
         self.failed: dict[int, str] = {}  # position -> reason
+        # position -> (256 px, 512 px WebP), made from the image decoded here anyway (cliplens.sources.photos):
+        # the index's thumbnails then need no second decode. None: not asked for (a Ray worker's copy, say).
+        # Kept in memory up to FRESH_THUMB_BYTES (about 1,500 photos); later ones are decoded again when written.
+        self.thumbs, self._thumb_bytes = thumbs, 0
 
     def __len__(self) -> int:
         return len(self.rels)
@@ -324,7 +329,13 @@ class FolderSource:
 
         try:
             with open_regular(self.root / self.rels[i], root=self.root) as f:
-                return decode_image(f, max_pixels=self.max_pixels)
+                rgb = decode_image(f, max_pixels=self.max_pixels)
+            if self.thumbs is not None and self._thumb_bytes < FRESH_THUMB_BYTES:
+                from cliplens.sources.photos import thumbnails_of_decoded
+
+                small, big = self.thumbs[i] = thumbnails_of_decoded(rgb)
+                self._thumb_bytes += len(small) + len(big)
+            return rgb
         except ImageSkipped as exc:
             self.failed[i] = exc.reason
         except OSError as exc:  # gone, swapped for a FIFO or a link out of the folder since it was listed
