@@ -352,14 +352,17 @@ def run_query(searcher, terms: Sequence[Term], k: int, *, templates: Sequence[st
               raw: bool = False, where: Sequence[Where] = (), min_score: float | None = None,
               query: str | None = None, exclude_query_items: bool = True,
               encode_texts: Callable | None = None, encode_images: Callable | None = None,
-              max_pixels: int = QUERY_IMAGE_MAX_PIXELS):
-    """Encode ``terms``, apply the filters and search; returns the core ``SearchResult`` (+ terms, filters)."""
+              max_pixels: int = QUERY_IMAGE_MAX_PIXELS, restrict: np.ndarray | None = None):
+    """Encode ``terms``, apply the filters (and ``restrict``, a boolean mask of allowed items) and search; returns
+    the core ``SearchResult`` (+ terms, filters)."""
     store = searcher.store
     enc = encode_query(terms, store=store, encode_texts=encode_texts or searcher.encoder.encode_texts,
                        encode_images=encode_images or searcher.encoder.encode_images, templates=templates,
                        raw=raw, max_pixels=max_pixels)
     in_index = bool(where) and getattr(searcher.index, "accepts_where", False)  # pgvector: the filters become SQL
     allowed = None if in_index else where_mask(store, where)
+    if restrict is not None:  # e.g. the page's "suspect labels only": a mask of the items that may be hits
+        allowed = restrict if allowed is None else allowed & restrict
     items = [int(t.value) for t in terms if t.kind == "item" and t.weight > 0]
     if exclude_query_items and items:  # "more like this" shows the others, not the item itself
         allowed = np.ones(len(store), bool) if allowed is None else allowed.copy()

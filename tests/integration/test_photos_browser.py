@@ -508,6 +508,23 @@ def test_controls_follow_the_index(open_page, api):
     assert page.is_hidden("#camera") and page.is_hidden("#taken-from") and page.is_hidden("#sort")
 
 
+def test_suspect_filter_keeps_only_suspect_labels(open_page, api):
+    """The study's suspect labels as a filter on the search page (labelled indexes only)."""
+    flagged = {s["id"] for s in api.get("/api/study/suspects", index="cifar100-test", top=1000)["suspects"]}
+    want = api.ids("/api/search", q="apple", index="cifar100-test", suspects="true")
+    assert want and set(want) <= flagged
+    page = open_page(path="/?index=photos")
+    assert page.is_hidden("#suspects-label")  # a photo folder has no labels to suspect
+    page.select_option("#index", "cifar100-test")
+    search(page, "apple")
+    page.check("#suspects")
+    wait_ids(page, want)
+    assert query_of(page).get("suspects") == "true"
+    page.go_back()
+    wait_ids(page, api.ids("/api/search", q="apple", index="cifar100-test"))
+    assert not page.is_checked("#suspects")
+
+
 def test_empty_results_say_what_to_try_and_errors_replace_results(open_page, api):
     page = open_page(path="/?index=photos&q=beach&min=0.9", allow=["status of 404"])  # the error asked for below
     assert api.get("/api/search", q="beach", index="photos", min_score=0.9)["hits"] == []

@@ -93,3 +93,19 @@ def test_page_loads_the_study_script(client):
     assert js.status_code == 200 and js.headers["content-type"].startswith("text/javascript")
     assert "cliplens:results" in js.text and "innerHTML" not in js.text
     assert 'CustomEvent("cliplens:results"' in client.get("/static/app.js").text
+
+
+def test_search_can_keep_only_suspect_labels(client, searchers):
+    """``suspects=true``: the search ranked over the flagged items only, the same ranking as the library's."""
+    import numpy as np
+
+    from cliplens.query import Term, run_query
+
+    flagged = [s["id"] for s in client.get("/api/study/suspects", params={"index": "cifar", "top": 1000}).json()
+               ["suspects"]]
+    body = client.get("/api/search", params={"q": "apple", "index": "cifar", "k": 5, "suspects": "true"}).json()
+    mask = np.zeros(len(searchers["cifar"].store), bool)
+    mask[flagged] = True
+    want = run_query(searchers["cifar"], [Term("text", "apple")], 5, restrict=mask)
+    assert [h["id"] for h in body["hits"]] == [h.id for h in want.hits] and set(flagged) >= {h.id for h in want.hits}
+    error(client.get("/api/search", params={"q": "apple", "index": "photos", "suspects": "true"}), 400)

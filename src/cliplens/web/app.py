@@ -16,6 +16,7 @@ from importlib import resources
 from typing import Mapping
 from urllib.parse import urlencode
 
+import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -135,16 +136,30 @@ def create_app(indexes: Mapping[str, object], *, limits: WebLimits = WebLimits()
         if not 0 <= item_id < n:
             raise ApiError(404, f"no item {item_id} in this index (ids run 0..{n - 1})")
 
+    suspects_memo: dict[str, dict] = {}  # index name -> find_suspects result, shared with /api/study/suspects
+
+    async def suspect_mask(index_name: str, searcher):
+        from cliplens.web.study_routes import find_index_suspects
+
+        if not searcher.store.has_labels:
+            raise ApiError(400, f"index {index_name!r} has no labels, so no suspect labels to keep")
+        r = await find_index_suspects(index_name, searcher, services, suspects_memo)
+        mask = np.zeros(len(searcher.store), bool)
+        mask[np.asarray(r["ranked"], np.int64)] = True
+        return mask
+
     async def run(name: str | None, terms, k: int, *, template=None, where=(), min_score=None, raw=False,
-                  query=None, offset: int = 0, sort: str = "score", collapse: bool = True) -> dict:
+                  query=None, offset: int = 0, sort: str = "score", collapse: bool = True,
+                  suspects: bool = False) -> dict:
         index_name, searcher = searcher_for(name)
         svc = services[id(searcher.encoder)]
         n = len(searcher.store)
+        restrict = await suspect_mask(index_name, searcher) if suspects else None
         k = min(k, n)  # a small index answers with all it has
         threshold, why = collapse_threshold(searcher.store) if collapse else (None, "turned off")
         fetch = fetch_size(k, offset, n, threshold is not None)
         call = partial(run_query, searcher, terms, fetch, templates=resolve_templates(template), raw=raw,
-                       where=parse_where(list(where)), min_score=min_score, query=query,
+                       where=parse_where(list(where)), min_score=min_score, query=query, restrict=restrict,
                        encode_texts=svc.encode_texts, encode_images=svc.encode_images, max_pixels=limits.max_pixels)
         result = await run_in_threadpool(call)
         result = page_of(searcher, result, k, offset=offset, sort=sort, collapse=threshold)
@@ -191,6 +206,9 @@ def create_app(indexes: Mapping[str, object], *, limits: WebLimits = WebLimits()
     def collapse_param():
         return Query(True, description="collapse near-identical results into one (a duplicates list on the hit)")
 
+    def suspects_param():
+        return Query(False, description="only items whose label is a suspect (labelled indexes; /api/study/suspects)")
+
     # ------------------------------------------------------------------ routes
     @app.get("/healthz", tags=["meta"])
     async def healthz():
@@ -208,9 +226,10 @@ def create_app(indexes: Mapping[str, object], *, limits: WebLimits = WebLimits()
                          k: int = k_param(), index: str | None = index_param(), template: str | None = template_param(),
                          where: list[str] = where_param(), min_score: float | None = min_score_param(),
                          raw: bool = False, offset: int = offset_param(), sort: str = sort_param(),
-                         collapse: bool = collapse_param()):
+                         collapse: bool = collapse_param(), suspects: bool = suspects_param()):
         return await run(index, parse_query(q, allow_paths=False), k, template=template, where=where,
-                         min_score=min_score, raw=raw, query=q, offset=offset, sort=sort, collapse=collapse)
+                         min_score=min_score, raw=raw, query=q, offset=offset, sort=sort, collapse=collapse,
+                         suspects=suspects)
 
     @app.post("/api/search", tags=["search"], openapi_extra=SearchBody.openapi_request_body())
     async def search_post(request: Request):
@@ -220,7 +239,7 @@ def create_app(indexes: Mapping[str, object], *, limits: WebLimits = WebLimits()
             body = SearchBody.parse(raw_body, limits)
             return await run(body.index, body.to_terms(), body.k, template=body.template, where=body.where,
                              min_score=body.min_score, raw=body.raw, query=body.q, offset=body.offset,
-                             sort=body.sort, collapse=body.collapse)
+                             sort=body.sort, collapse=body.collapse, suspects=body.suspects)
         if ctype == "multipart/form-data":
             form = await _read_form(request, limits.max_upload_bytes)
             try:
@@ -235,7 +254,7 @@ def create_app(indexes: Mapping[str, object], *, limits: WebLimits = WebLimits()
             terms = [Term("image", name, body.image_weight, image=image), *body.to_terms(False)]
             return await run(body.index, terms, body.k, template=body.template, where=body.where,
                              min_score=body.min_score, raw=body.raw, query=body.q or f"image {name}",
-                             offset=body.offset, sort=body.sort, collapse=body.collapse)
+                             offset=body.offset, sort=body.sort, collapse=body.collapse, suspects=body.suspects)
         raise ApiError(415, "send JSON (application/json) or an image upload (multipart/form-data)")
 
     @app.get("/api/items/{item_id}", tags=["items"])
@@ -290,13 +309,16 @@ def create_app(indexes: Mapping[str, object], *, limits: WebLimits = WebLimits()
     @app.get("/api/similar/{item_id}", tags=["search"])
     async def similar(item_id: int, k: int = k_param(), index: str | None = index_param(),
                       where: list[str] = where_param(), min_score: float | None = min_score_param(),
-                      offset: int = offset_param(), sort: str = sort_param(), collapse: bool = collapse_param()):
+                      offset: int = offset_param(), sort: str = sort_param(), collapse: bool = collapse_param(),
+                      suspects: bool = suspects_param()):
         _, searcher = searcher_for(index)
         check_item(searcher, item_id)
         return await run(index, [Term("item", item_id)], k, where=where, min_score=min_score,
-                         query=f"more like #{item_id}", offset=offset, sort=sort, collapse=collapse)
+                         query=f"more like #{item_id}", offset=offset, sort=sort, collapse=collapse,
+                         suspects=suspects)
 
-    app.include_router(study_router(indexes=indexes, searcher_for=searcher_for, services=services, run=run))
+    app.include_router(study_router(indexes=indexes, searcher_for=searcher_for, services=services, run=run,
+                                    suspects_memo=suspects_memo))
 
     @app.get("/", include_in_schema=False)
     async def page():

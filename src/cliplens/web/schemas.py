@@ -52,6 +52,7 @@ class SearchBody(BaseModel):
     offset: int = Field(0, ge=0, description="skip this many results (the next page)")
     sort: str = Field("score", pattern="^(score|taken|-taken)$", description="score, or taken / -taken")
     collapse: bool = Field(True, description="collapse near-identical results into one")
+    suspects: bool = Field(False, description="only items whose label is a suspect (labelled indexes)")
     image_weight: float = Field(1.0, ge=-MAX_WEIGHT, le=MAX_WEIGHT, description="multipart only: the image's weight")
 
     # ---------------------------------------------------------------- building
@@ -75,7 +76,7 @@ class SearchBody(BaseModel):
         if not isinstance(upload, UploadFile):
             raise ApiError(422, "image: upload the image as the multipart field 'image'")
         data: dict[str, Any] = {}
-        for key in ("q", "k", "index", "template", "min_score", "raw", "offset", "sort", "collapse"):
+        for key in ("q", "k", "index", "template", "min_score", "raw", "offset", "sort", "collapse", "suspects"):
             value = form.get(key)
             if isinstance(value, str) and value != "":
                 data[key] = value

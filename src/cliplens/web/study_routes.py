@@ -29,10 +29,27 @@ from cliplens.web.schemas import ApiError
 SUSPECT_TEMPLATE = "a photo of a {}."  # one prompt per class: cheap enough to compute on the first request
 
 
-def study_router(*, indexes, searcher_for, services, run, max_query_chars: int = 500) -> APIRouter:
+async def find_index_suspects(name: str, searcher, services, memo: dict) -> dict:
+    """``find_suspects`` for an index (computed on first use, then kept): ranked ids, suggested labels, scores."""
+    from cliplens.prompts import english_classname, wrap_query
+    from cliplens.suspects import find_suspects
+
+    if name not in memo:
+        store = searcher.store
+        names = [english_classname(n) for n in store.class_names]
+        svc = services[id(searcher.encoder)]
+        class_emb = await run_in_threadpool(svc.encode_texts, [wrap_query(n, SUSPECT_TEMPLATE) for n in names])
+        memo[name] = await run_in_threadpool(lambda: find_suspects(np.asarray(store.embeddings, np.float32),
+                                                                   store.labels, np.asarray(class_emb),
+                                                                   num_classes=len(names)))
+    return memo[name]
+
+
+def study_router(*, indexes, searcher_for, services, run, max_query_chars: int = 500,
+                 suspects_memo: dict | None = None) -> APIRouter:
     router = APIRouter(tags=["study"])
     lock = threading.Lock()
-    suspects_memo: dict[str, dict] = {}
+    suspects_memo = {} if suspects_memo is None else suspects_memo  # shared with the search's suspect filter
 
     @router.get("/api/study/map")
     async def study_map(index: str | None = Query(None, max_length=200),
@@ -52,21 +69,14 @@ def study_router(*, indexes, searcher_for, services, run, max_query_chars: int =
 
     @router.get("/api/study/suspects")
     async def study_suspects(index: str | None = Query(None, max_length=200), top: int = Query(50, ge=1, le=1000)):
-        from cliplens.prompts import english_classname, wrap_query
-        from cliplens.suspects import find_suspects
+        from cliplens.prompts import english_classname
 
         name, searcher = searcher_for(index)
         store = searcher.store
         if not store.has_labels:
             raise ApiError(400, f"index {name!r} has no labels: suspects need a labelled index (cifar100, cifar10)")
         names = [english_classname(n) for n in store.class_names]
-        if name not in suspects_memo:
-            svc = services[id(searcher.encoder)]
-            class_emb = await run_in_threadpool(svc.encode_texts, [wrap_query(n, SUSPECT_TEMPLATE) for n in names])
-            r = await run_in_threadpool(lambda: find_suspects(np.asarray(store.embeddings, np.float32), store.labels,
-                                                              np.asarray(class_emb), num_classes=len(names)))
-            suspects_memo[name] = r
-        r = suspects_memo[name]
+        r = await find_index_suspects(name, searcher, services, suspects_memo)
         labels = store.labels
         items = [{"id": int(i), "label": names[labels[i]], "suggested": names[r["suggested"][i]],
                   "self_confidence": round(float(r["self_confidence"][i]), 6),

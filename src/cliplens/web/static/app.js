@@ -8,7 +8,7 @@
   const q = $("q"), indexSel = $("index"), templateSel = $("template"), superSel = $("superclass");
   const fromInput = $("taken-from"), toInput = $("taken-to"), cameraSel = $("camera"), sortSel = $("sort");
   const slider = $("min-score"), cutCount = $("cut-count"), cutButton = $("cut-calibrated"), cutMark = $("cut-mark");
-  const collapseBox = $("collapse"), statusEl = $("status"), results = $("results"), moreButton = $("more");
+  const suspectsBox = $("suspects"), collapseBox = $("collapse"), statusEl = $("status"), results = $("results"), moreButton = $("more");
   const overlay = $("drop-overlay"), fileInput = $("image-file"), examplesEl = $("examples");
   const viewer = $("viewer"), viewerImg = $("viewer-img");
   const DEBOUNCE_MS = 250, START = "Type to search; drop an image anywhere to search by it.";
@@ -26,7 +26,7 @@
   // ================================================================ state and the URL
   function blankState() {
     return { q: "", image: null, index: "", template: "", superclass: "", from: "", to: "", camera: "",
-             sort: "score", min: null, collapse: true, view: null };
+             sort: "score", min: null, collapse: true, suspects: false, view: null };
   }
 
   function toQuery(st) {
@@ -37,6 +37,7 @@
     if (st.sort !== "score") p.set("sort", st.sort);
     if (st.min !== null) p.set("min", String(st.min));
     if (!st.collapse) p.set("collapse", "false");
+    if (st.suspects) p.set("suspects", "true");
     if (st.view !== null) p.set("view", String(st.view));
     return p.toString();
   }
@@ -48,6 +49,7 @@
     const min = parseFloat(p.get("min"));
     if (Number.isFinite(min)) st.min = Math.max(-1, Math.min(1, min));
     st.collapse = p.get("collapse") !== "false";
+    st.suspects = p.get("suspects") === "true";
     const view = parseInt(p.get("view"), 10);
     if (view >= 0) st.view = view;
     if (p.get("image")) {
@@ -115,6 +117,8 @@
     cameraSel.value = state.camera;
     sortSel.value = state.sort;
     collapseBox.checked = state.collapse;
+    suspectsBox.checked = state.suspects;
+    $("suspects-label").hidden = !info.has_labels;
     showChip();
     showExamples();
     showCut();
@@ -174,6 +178,7 @@
     if (st.min !== null) p.set("min_score", String(st.min));
     if (st.sort !== "score") p.set("sort", st.sort);
     if (!st.collapse) p.set("collapse", "false");
+    if (st.suspects && infoFor(st.index).has_labels) p.set("suspects", "true");
     if (st.image) {
       const form = new FormData();
       form.append("image", images.get(st.image.token).file, st.image.name);
@@ -745,6 +750,7 @@
     input.addEventListener("change", () => navigate({ [key]: input.value, view: null }, "push"));  // "" until a whole date
   }
   collapseBox.addEventListener("change", () => navigate({ collapse: collapseBox.checked, view: null }, "push"));
+  suspectsBox.addEventListener("change", () => navigate({ suspects: suspectsBox.checked, view: null }, "push"));
   slider.addEventListener("input", () => showCutCount(sliderValue()));
   slider.addEventListener("change", () => navigate({ min: sliderValue(), view: null }, "coalesce:min"));
   slider.addEventListener("blur", commitHistory);
