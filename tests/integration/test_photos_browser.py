@@ -69,7 +69,7 @@ def record_duplicate_threshold(library) -> float:
     sha = store.manifest.model.weights_sha256
     path = library["home"] / "calibration" / f"{sha}.duplicates.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"threshold": threshold, "copies_p01": threshold, "distinct_p999": distinct,
+    path.write_text(json.dumps({"threshold": threshold, "copies_p01": threshold, "distinct_p99": distinct,
                                 "sample": len(emb)}))
     return threshold
 
