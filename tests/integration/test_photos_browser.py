@@ -11,20 +11,17 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import subprocess
 import sys
-import time
 import urllib.parse
 import urllib.request
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
-import pytest
-from test_web_browser import ARGS, CHROMIUM, free_port
-
 import photo_fixture
+import pytest
+from serve_fixture import serving
+from test_web_browser import ARGS, CHROMIUM
 
 pytestmark = pytest.mark.slow
 
@@ -82,38 +79,6 @@ def record_calibration(library, threshold: float) -> None:
     path = library["home"] / "calibration" / f"{sha}.json"
     path.write_text(json.dumps({"model": "tiny", "weights_sha256": sha, "templates": {TEMPLATE: {
         "threshold": threshold, "precision": 0.9, "recall": 0.5, "target_precision": 0.9}}}))
-
-
-@contextmanager
-def serving(index_dirs, env, log_path: Path):
-    port = free_port()
-    cmd = [sys.executable, "-m", "cliplens", "serve", "--host", "127.0.0.1", "--port", str(port), "--device", "cpu"]
-    for d in index_dirs:
-        cmd += ["--index-dir", str(d)]
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        url = f"http://127.0.0.1:{port}"
-        try:
-            deadline = time.monotonic() + float(os.environ.get("CLIPLENS_TEST_SERVER_WAIT", "90"))
-            while True:
-                try:
-                    with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
-                        if r.status == 200:
-                            break
-                except OSError:
-                    pass
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    log.flush()
-                    pytest.fail(f"cliplens serve did not start:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.25)
-            yield url
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=15)
 
 
 @pytest.fixture(scope="module")

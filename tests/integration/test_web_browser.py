@@ -10,15 +10,10 @@ import base64
 import io
 import os
 import shutil
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
+from serve_fixture import serving
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -27,46 +22,13 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--d
 pytestmark = pytest.mark.slow
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(tiny_index, tmp_path, playwright_api):
-    port = free_port()
-    log = open(tmp_path / "server.log", "w")
     # conftest put HF_HOME, HF_HUB_OFFLINE and CLIPLENS_HOME in os.environ: the server inherits them
     second = tmp_path / "second" / tiny_index.name  # the same index again, to have something to switch to
     shutil.copytree(tiny_index, second)
-    proc = subprocess.Popen([sys.executable, "-m", "cliplens", "serve", "--index-dir", str(tiny_index),
-                             "--index-dir", str(second), "--host", "127.0.0.1", "--port", str(port),
-                             "--device", "cpu"],
-                            stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ))
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + float(os.environ.get("CLIPLENS_TEST_SERVER_WAIT", "90"))  # a busy CI box: more
-        while True:
-            try:
-                with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                log.flush()
-                pytest.fail(f"cliplens serve did not start:\n{(tmp_path / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.25)
+    with serving([tiny_index, second], dict(os.environ), tmp_path / "server.log") as url:
         yield url
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=15)
-        log.close()
 
 
 def test_search_similar_drop_and_keyboard(server, tiny_index, tmp_path):
