@@ -51,3 +51,20 @@ def serving(index_dirs, env, log_path: Path):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=15)
+
+
+def guard_page(page, server: str, foreign: list, errors: list) -> None:
+    """Loopback only: a request to any other host is blocked and recorded in ``foreign``; console errors and page
+    errors are recorded in ``errors`` (the tests assert both stay empty)."""
+    page.set_default_timeout(20_000)
+
+    def only_loopback(route):
+        if route.request.url.startswith(server) or route.request.url.startswith("data:"):
+            route.continue_()
+        else:
+            foreign.append(route.request.url)
+            route.abort()
+
+    page.route("**/*", only_loopback)
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))

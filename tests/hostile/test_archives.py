@@ -127,6 +127,23 @@ def test_a_folder_extracted_from_another_archive_is_not_used(tmp_path):
     assert sorted(p.name for p in first.root.iterdir()) == ["cifar-100-python", ARCHIVE]  # old folder gone
 
 
+def test_a_data_dir_holding_both_uses_the_archive_when_the_folder_came_from_another(tmp_path):
+    """--data-dir DIR with DIR/cifar-100-python.tar.gz and a DIR/cifar-100-python/ that cliplens extracted from
+    another archive: the archive beside it wins; a folder cliplens did not extract stays the user's to vouch for."""
+    first = cf.make_cifar100(tmp_path / "a", archive=True, folder=False, seed=1)
+    other = cf.make_cifar100(tmp_path / "b", archive=True, folder=False, seed=2)
+    load_cifar("cifar100", "test", data_dir=first.root, verify=False, progress=False)  # extracts A in DIR
+    same = load_cifar("cifar100", "test", data_dir=first.root, verify=False, progress=False)
+    assert (same.images == first.images["test"]).all() and same.fingerprint["archive_md5"] == first.md5[ARCHIVE]
+    first.archive.write_bytes(other.archive.read_bytes())  # a new archive of the same name in DIR
+    got = load_cifar("cifar100", "test", data_dir=first.root, verify=False, progress=False)
+    assert (got.images == other.images["test"]).all()  # B's images, not the folder extracted from A
+    assert got.fingerprint["archive_md5"] == other.md5[ARCHIVE]
+    mine = cf.make_cifar100(tmp_path / "c", archive=True, folder=True, seed=3)  # a folder of unknown origin
+    kept = load_cifar("cifar100", "test", data_dir=mine.root, verify=False, progress=False)
+    assert (kept.images == mine.images["test"]).all()
+
+
 def test_a_folder_cliplens_did_not_extract_is_never_used_for_the_archive(tmp_path, capsys):
     fx = cf.make_cifar100(tmp_path / "data", archive=True, folder=True)  # a folder of unknown origin beside it
     before = hf.tree_digest(fx.root)

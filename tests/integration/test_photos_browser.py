@@ -20,7 +20,7 @@ from pathlib import Path
 import numpy as np
 import photo_fixture
 import pytest
-from serve_fixture import serving
+from serve_fixture import guard_page, serving
 from test_web_browser import ARGS, CHROMIUM
 
 pytestmark = pytest.mark.slow
@@ -136,18 +136,7 @@ def open_page(browser, server):
         context = browser.new_context(viewport=viewport)
         contexts.append(context)
         page = context.new_page()
-        page.set_default_timeout(20_000)
-
-        def only_loopback(route):
-            if route.request.url.startswith(server) or route.request.url.startswith("data:"):
-                route.continue_()
-            else:
-                foreign.append(route.request.url)
-                route.abort()
-
-        page.route("**/*", only_loopback)
-        page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-        page.on("pageerror", lambda e: errors.append(str(e)))
+        guard_page(page, server, foreign, errors)
         page.goto(server + path)
         page.wait_for_selector("#index option", state="attached")
         return page

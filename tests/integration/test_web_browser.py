@@ -13,7 +13,7 @@ import shutil
 
 import numpy as np
 import pytest
-from serve_fixture import serving
+from serve_fixture import guard_page, serving
 
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
@@ -42,18 +42,7 @@ def test_search_similar_drop_and_keyboard(server, tiny_index, tmp_path):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS, headless=True)
         try:
             page = browser.new_page(viewport={"width": 1280, "height": 860})
-            page.set_default_timeout(20_000)
-
-            def only_loopback(route):
-                if route.request.url.startswith(server) or route.request.url.startswith("data:"):
-                    route.continue_()
-                else:
-                    foreign.append(route.request.url)
-                    route.abort()
-
-            page.route("**/*", only_loopback)
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: errors.append(str(e)))
+            guard_page(page, server, foreign, errors)
             page.goto(server + "/")
             page.wait_for_selector("#index option", state="attached")  # the index list arrived
 

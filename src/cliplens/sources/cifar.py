@@ -254,7 +254,15 @@ def _locate(
             raise DatasetError(f"{root} looks like the {other.title} folder, not {layout.title}")
     archive = root / layout.archive
     if (root / layout.folder).is_dir():
-        return root / layout.folder, _md5_if_present(archive)
+        record = _download.read_record(root / layout.folder) if archive.is_file() else None
+        if record is not None:  # cliplens extracted it: from the archive that is beside it now?
+            digests = file_digests(archive)
+            if (record.get("sha256"), record.get("size")) != (digests["sha256"], digests["size"]):
+                log.warning("%s was extracted from another %s; extracting this one in its place",
+                            root / layout.folder, archive.name)
+                return _from_archive(source, archive, verify=verify, digests=digests, replace=True)
+            return root / layout.folder, digests["md5"]
+        return root / layout.folder, _md5_if_present(archive)  # a folder of the user's: theirs to vouch for
     if archive.is_file():
         return _from_archive(source, archive, verify=verify)
 
