@@ -379,7 +379,8 @@ def _photo_reuse(prev):
     if prev is None or not all(c in prev.items for c in (*photos.META_COLUMNS, *photos.THUMB_COLUMNS)):
         return None
     by_sha = {str(s): i for i, s in enumerate(prev.items["sha256"])}
-    thumbs = photos.ThumbFile(prev.files / photos.THUMBS, prev.items)
+    columns = {c: prev.items[c] for c in (*photos.META_COLUMNS, *photos.THUMB_COLUMNS)}  # read once, here
+    thumbs = photos.ThumbFile(prev.files / photos.THUMBS, columns)
 
     def reuse(sha):
         i = by_sha.get(sha)
@@ -391,7 +392,7 @@ def _photo_reuse(prev):
             return None
         if not small or not big:
             return None
-        meta = {c: _plain(prev.items[c][i]) for c in photos.META_COLUMNS}
+        meta = {c: _plain(columns[c][i]) for c in photos.META_COLUMNS}
         return meta, small, big
 
     return reuse

@@ -9,6 +9,7 @@ first time it is used, so a query reads only the columns its hits show (label, s
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Iterator
@@ -53,15 +54,19 @@ class LazyItems(Mapping):
         except Exception as exc:  # pyarrow raises ArrowInvalid, OSError, ...
             raise _unreadable(self.path, exc) from None
         self._columns: dict[str, np.ndarray] = {}
+        # pyarrow's ParquetFile is not safe to read from two threads at once (seen: both hang): one read at a time
+        self._lock = threading.Lock()
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._columns:
             if name not in self._names:
                 raise KeyError(name)
-            try:
-                self._columns[name] = column_to_numpy(self._file.read(columns=[name]).column(0))
-            except Exception as exc:
-                raise _unreadable(self.path, exc) from None
+            with self._lock:
+                if name not in self._columns:  # another thread may have read it while this one waited
+                    try:
+                        self._columns[name] = column_to_numpy(self._file.read(columns=[name]).column(0))
+                    except Exception as exc:
+                        raise _unreadable(self.path, exc) from None
         return self._columns[name]
 
     def __iter__(self) -> Iterator[str]:

@@ -55,3 +55,22 @@ def test_an_unreadable_file_is_a_store_error(tmp_path):
     path.write_bytes(b"PAR1 not really")
     with pytest.raises(StoreError, match="cannot read"):
         LazyItems(path)
+
+
+def test_columns_read_from_many_threads_at_once(tmp_path):
+    """serve and the thumbnail writer read columns from threads: first reads of one file must not race
+    (two concurrent pyarrow reads of the same ParquetFile hung the indexer once)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    path = tmp_path / "items.parquet"
+    n = 20_000
+    cols = {f"c{j}": np.arange(n, dtype=np.int64) * j for j in range(8)}
+    cols["s"] = [f"row {i}" for i in range(n)]
+    write_items(path, cols)
+    for _ in range(5):
+        items = LazyItems(path)
+        names = [*cols] * 4
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda name: items[name], names))
+        for name, value in zip(names, got):
+            assert list(value[:3]) == list(cols[name][:3]) and len(value) == n
