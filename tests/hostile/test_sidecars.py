@@ -41,6 +41,8 @@ CASES = {  # name: (builder(root), expected caption, expected metadata present)
     ".txt link out of the folder": (_link_out(".txt"), None, False),
     ".json link out of the folder": (_link_out(".json"), None, False),
     "photo.png.txt link out": (lambda r: os.symlink(_secret(r, ".txt"), r / "a.png.txt"), None, False),
+    ".txt hard link to a file outside": (lambda r: os.link(_secret(r, ".txt"), r / "a.txt"), None, False),
+    ".json hard link to a file outside": (lambda r: os.link(_secret(r, ".json"), r / "a.json"), None, False),
     "oversized .txt": (lambda r: (r / "a.txt").write_text("x" * ((1 << 20) + 1)), None, False),
     "JSON nested 100 000 deep": (lambda r: (r / "a.json").write_text("[" * 100_000 + "]" * 100_000), None, False),
     "JSON nested 40 deep": (lambda r: (r / "a.json").write_text('{"caption": "ok", "x": ' + "[" * 40 + "]" * 40 + "}"),

@@ -59,6 +59,10 @@ def _read_sidecar_text(cand: Path, root: str | Path | None) -> str | None:
         return None
     try:
         with open_regular(cand, root=root, max_bytes=SIDECAR_MAX_BYTES) as f:
+            if os.fstat(f.fileno()).st_nlink > 1:  # a hard link: its other name may be any file, outside too
+                log.warning("sidecar %s has other hard links (the same file may live outside the folder); ignored",
+                            name)
+                return None
             data = f.read(SIDECAR_MAX_BYTES + 1)
         text = data.decode("utf-8").strip()
     except (OSError, UnicodeDecodeError) as exc:
