@@ -348,6 +348,55 @@ def test_embedded_server_from_the_cli_stops_when_the_command_ends(tiny_index, tm
     assert got == [h["id"] for h in json.loads(capsys.readouterr().out)["hits"]]
 
 
+def test_serve_keeps_its_embedded_server_for_its_lifetime_and_stops_it_after(tiny_index, tmp_path):
+    """`serve --backend pgvector --pg-uri embedded`: one server for the whole run (answers keep coming from it, the
+    same postmaster), stopped when serve ends."""
+    import shutil
+    import time
+    import urllib.request
+
+    from serve_fixture import free_port
+
+    root = tmp_path / "idx"
+    shutil.copytree(tiny_index, root)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    built = subprocess.run([sys.executable, "-m", "cliplens", "build-index", "--index-dir", str(root), "--backend",
+                            "pgvector", "--pg-uri", "embedded", "-q"], env=env, capture_output=True, text=True,
+                           timeout=300)
+    assert built.returncode == 0, built.stderr
+    data = root / "pg" / "data"
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "cliplens", "serve", "--index-dir", str(root), "--backend",
+                             "pgvector", "--pg-uri", "embedded", "--host", "127.0.0.1", "--port", str(port),
+                             "--device", "cpu"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(url + "/healthz", timeout=2):
+                    break
+            except OSError:
+                assert proc.poll() is None and time.monotonic() < deadline, "serve did not start"
+                time.sleep(0.25)
+        pid = _postmaster(data)
+        assert _alive(pid)  # started for serve, and kept
+        answers = []
+        for _ in range(3):
+            with urllib.request.urlopen(url + "/api/search?q=apple&k=5", timeout=30) as r:
+                answers.append([h["id"] for h in json.loads(r.read())["hits"]])
+            time.sleep(1)
+            assert _postmaster(data) == pid and _alive(pid)  # the same server between requests
+        assert answers[0] == answers[1] == answers[2] and len(answers[0]) == 5
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    deadline = time.monotonic() + 30
+    while _alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert not _alive(pid)  # stopped when serve ended
+
+
 def test_embedded_server_is_socket_only_and_adopted_after_a_killed_owner(tmp_path):
     from cliplens.index.pg_server import embedded_server
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import signal
 from pathlib import Path
 
 from cliplens._safe import printable
@@ -98,10 +99,21 @@ def cmd_serve(args) -> int:
         if args.host not in LOOPBACK_HOSTS:
             log.warning("listening on %s: anyone who can reach this machine can search these indexes", args.host)
         config = uvicorn.Config(app, log_level="info" if args.verbose else "warning", access_log=bool(args.verbose))
-        uvicorn.Server(config).run(sockets=[sock])
+        # uvicorn shuts down on SIGTERM, then raises the signal again with the handler it found: with Python's
+        # default one the process would die there, before atexit stops what serve started (an embedded
+        # PostgreSQL server, say). This handler turns that second SIGTERM into a normal exit instead.
+        previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+        try:
+            uvicorn.Server(config).run(sockets=[sock])
+        finally:
+            signal.signal(signal.SIGTERM, previous)
     finally:
         sock.close()
     return 0
+
+
+def _exit_on_sigterm(signum, frame) -> None:
+    raise SystemExit(0)
 
 
 def _listen(host: str, port: int):
