@@ -21,10 +21,10 @@ keyed by the file's own lines ("a b" strings) instead of tuples, which builds th
 from __future__ import annotations
 
 import functools
-import gzip
 import html
 import importlib.util
 import re
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +79,27 @@ def _unicode_pieces():
     return regex.compile("|".join(SPECIAL) + "|" + _PIECES, regex.IGNORECASE)
 
 
+def _merge_lines(path: Path, count: int) -> list[str]:
+    """Lines 1..count of the gzip file ``path`` (line 0 is its header): only as much of the stream is decompressed
+    as they need (about a fifth of the file: CLIP uses 48,894 of its 262,144 merges), which halves a one-shot
+    query's tokenizer start-up."""
+    inflate = zlib.decompressobj(16 + zlib.MAX_WBITS)  # gzip framing
+    data, newlines, complete = bytearray(), 0, False
+    with open(path, "rb") as f:
+        while newlines <= count:
+            chunk = f.read(1 << 16)
+            if not chunk:
+                data += inflate.flush()
+                complete = True
+                break
+            piece = inflate.decompress(chunk)
+            newlines += piece.count(b"\n")
+            data += piece
+    if not complete:  # whole lines only (a chunk may end inside a character); there are more than ``count``
+        del data[data.rfind(b"\n"):]
+    return data.decode("utf-8").split("\n")[1 : count + 1]
+
+
 class ClipTokenizer:
     """Strings -> int64 (N, context_length) token ids, as open_clip's ``SimpleTokenizer`` (clean="lower")."""
 
@@ -93,10 +114,13 @@ class ClipTokenizer:
 
     def _load(self) -> None:
         try:
-            lines = gzip.open(self.vocab_path).read().decode("utf-8").split("\n")[1 : _MERGES + 1]
-        except (OSError, EOFError, UnicodeDecodeError) as exc:
+            lines = _merge_lines(self.vocab_path, _MERGES)
+        except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
             raise ModelError(f"cannot read the tokenizer vocabulary {self.vocab_path} ({exc}); "
                              "reinstall open_clip_torch") from None
+        if len(lines) < _MERGES:
+            raise ModelError(f"{self.vocab_path} is not CLIP's vocabulary (it has {len(lines)} merges, not "
+                             f"{_MERGES}); reinstall open_clip_torch")
         self._ranks = dict(zip(lines, range(len(lines))))  # "a b" -> rank: the pair (a, b) as the file writes it
         chars = list(self._bytes.values())
         vocab = chars + [c + "</w>" for c in chars] + [line.replace(" ", "") for line in lines] + list(SPECIAL)

@@ -102,3 +102,24 @@ def test_tokenizing_imports_neither_torch_nor_open_clip():
     reference_ids = open_clip_tokenizer.SimpleTokenizer()(["a photo of a tractor."]).numpy()[0, :8].tolist()
     assert out[0] + "]" == str(reference_ids)
     assert out[1].split() == ["False", "False"]
+
+
+def test_reads_only_the_merges_it_needs_and_refuses_a_short_or_broken_vocabulary(tmp_path):
+    import gzip
+
+    from cliplens.errors import ModelError
+    from cliplens.tokenizer import _MERGES, _merge_lines, default_vocab_path
+
+    whole = gzip.open(default_vocab_path()).read().decode("utf-8").split("\n")[1 : _MERGES + 1]
+    assert _merge_lines(default_vocab_path(), _MERGES) == whole  # the partial read is the same lines
+    short = tmp_path / "short.txt.gz"
+    short.write_bytes(gzip.compress("\n".join(["header"] + whole[:10]).encode()))
+    assert _merge_lines(short, _MERGES) == whole[:10]  # a file that ends early: all it has
+    with pytest.raises(ModelError, match="not CLIP's vocabulary .it has 10 merges"):
+        ClipTokenizer(vocab_path=short).encode("tractor")
+    broken = tmp_path / "broken.txt.gz"
+    raw = bytearray(default_vocab_path().read_bytes()[:200_000])
+    raw[5000:5100] = b"\x00" * 100
+    broken.write_bytes(bytes(raw))
+    with pytest.raises(ModelError, match="cannot read the tokenizer vocabulary"):
+        ClipTokenizer(vocab_path=broken).encode("tractor")
