@@ -395,7 +395,7 @@ def load_encoder(
     try:
         # open_clip reads .safetensors with safetensors and anything else with torch.load(weights_only=True): a
         # pickle naming any global beyond tensors and plain containers is refused by torch, never run
-        clip, _, transform = open_clip.create_model_and_transforms(model, pretrained=load_from, device=device)
+        clip, transform = _create_model(model, load_from, device)
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as exc:  # RuntimeError, UnpicklingError, KeyError, StopIteration, AssertionError on shapes...
@@ -434,6 +434,68 @@ def load_encoder(
     if precision == "fast" and device == "cpu" and encoder.speed_up_text(tolerance=1e-4):
         log.info("precision fast: image tower %s, text tower ONNX Runtime fp32", backend)
     return encoder
+
+
+class _NotRandom(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "initialized randomly" not in record.getMessage()
+
+
+def _create_model(model: str, checkpoint: str | None, device: str):
+    """(model, eval transform) from open_clip's factory, holding the weights once.
+
+    open_clip builds the model with random weights (a full copy of them, and a second or so initialising it),
+    then reads the checkpoint (a second copy) and copies it in: twice the weights at the peak (1.2 GB for
+    ViT-B/32). Here the same factory call builds it on the ``meta`` device (shapes only, no memory), open_clip's
+    own ``load_checkpoint`` (conversions, resizing, strict key check) then *assigns* the checkpoint's tensors
+    as the parameters, and the few buffers a checkpoint does not hold (the text tower's causal mask) are made
+    as open_clip makes them. Anything else left unmade, or a model open_clip builds otherwise (a self-describing
+    ``hf-hub:``/``local-dir:`` model, another device), takes open_clip's usual path. The result is the same
+    model (tests/unit/test_encoder.py compares every tensor).
+    """
+    import functools
+
+    import open_clip
+    import torch
+
+    if checkpoint is None or device != "cpu" or Path(checkpoint).suffix in (".npz", ".npy"):
+        clip, _, transform = open_clip.create_model_and_transforms(model, pretrained=checkpoint, device=device)
+        return clip, transform
+    root, quiet = logging.getLogger(), _NotRandom()
+    root.addFilter(quiet)  # open_clip warns that the model "initialized randomly": it is not, weights follow
+    try:
+        with torch.device("meta"):
+            clip, _, transform = open_clip.create_model_and_transforms(model, pretrained=checkpoint, device="meta",
+                                                                       load_weights=False)
+    finally:
+        root.removeFilter(quiet)
+    dtypes = {id(t): t.dtype for t in (*clip.parameters(), *clip.buffers())}
+    kinds = {(id(m), n): dtypes[id(t)] for m in clip.modules()
+             for n, t in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)) if t is not None}
+    clip.load_state_dict = functools.partial(clip.load_state_dict, assign=True)  # this instance only
+    try:
+        open_clip.load_checkpoint(clip, checkpoint, strict=True, weights_only=True)
+    finally:
+        del clip.load_state_dict
+    for module in clip.modules():  # a float16 checkpoint is cast as copying into float32 parameters casts it
+        for name, t in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
+            want = kinds.get((id(module), name))
+            if t is not None and want is not None and t.dtype != want and not t.is_meta:
+                t.data = t.data.to(want)
+    for module in clip.modules():
+        for name, buf in list(module.named_buffers(recurse=False)):
+            if buf is not None and buf.is_meta:
+                if name == "attn_mask" and buf.ndim == 2 and buf.shape[0] == buf.shape[1]:
+                    mask = torch.full(tuple(buf.shape), float("-inf"), dtype=buf.dtype).triu_(1)
+                    setattr(module, name, mask)  # open_clip's build_causal_mask
+                else:
+                    log.debug("%s: buffer %s not in the checkpoint; loading the usual way", model, name)
+                    clip, _, transform = open_clip.create_model_and_transforms(model, pretrained=checkpoint,
+                                                                               device=device)
+                    return clip, transform
+    if any(t.is_meta for t in (*clip.parameters(), *clip.buffers())):
+        clip, _, transform = open_clip.create_model_and_transforms(model, pretrained=checkpoint, device=device)
+    return clip, transform
 
 
 # How a checkpoint file starts: a zip (torch.save since 1.6), a legacy pickle (protocol 2+), or safetensors

@@ -117,3 +117,27 @@ def test_weights_file_for_another_architecture_is_refused(tmp_path):
     ckpt = model_fixture.write_tiny_checkpoint(tmp_path / "tiny.pt")
     with pytest.raises(ModelError, match="is it a checkpoint for this model"):
         load_encoder("ViT-B-32-quickgelu", weights=ckpt, device="cpu")
+
+
+def _same_model(ours, ref):
+    """Every parameter and buffer (the causal mask, which no checkpoint holds, too): same names, dtype, values."""
+    mine = dict((*ours.named_parameters(), *ours.named_buffers()))
+    theirs = dict((*ref.named_parameters(), *ref.named_buffers()))
+    assert mine.keys() == theirs.keys()
+    for name, t in theirs.items():
+        assert not mine[name].is_meta and mine[name].dtype == t.dtype, name
+        assert torch.equal(mine[name], t), name
+    assert ours.training is False
+
+
+def test_the_model_built_on_meta_and_assigned_its_weights_is_open_clips_model(b32_weights, tmp_path):
+    ref, _, _ = open_clip.create_model_and_transforms("ViT-B-32-quickgelu", pretrained="openai")
+    ref.eval()
+    _same_model(load_encoder("ViT-B-32-quickgelu", "openai", device="cpu").model, ref)  # (the fixture's is packed)
+    half = tmp_path / "half.pt"  # a float16 checkpoint: cast to the model's float32, as copying into it casts
+    torch.save({k: v.half() for k, v in ref.state_dict().items()}, half)
+    del ref
+    ours = load_encoder("ViT-B-32-quickgelu", weights=half, device="cpu")
+    ref16, _, _ = open_clip.create_model_and_transforms("ViT-B-32-quickgelu", pretrained=str(half))
+    ref16.eval()
+    _same_model(ours.model, ref16)
