@@ -125,8 +125,34 @@ def _export_one(module, example, path: Path) -> None:
                           opset_version=ONNX_OPSET, dynamo=False)
 
 
+def _weights_file(standin) -> Path | None:
+    """The cached hub file open_clip loads the stand-in's weights from, if it is one (no download: cache only)."""
+    import open_clip
+    from huggingface_hub import try_to_load_from_cache
+
+    if standin.model.startswith("hf-hub:"):
+        repo = standin.model[len("hf-hub:"):]
+    elif standin.pretrained:
+        repo = open_clip.get_pretrained_cfg(standin.model, standin.pretrained).get("hf_hub", "").strip("/")
+    else:
+        return None
+    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        found = try_to_load_from_cache(repo, name) if repo else None
+        if isinstance(found, str):
+            return Path(found)
+    return None
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _state_sha256(model) -> str:
-    """The weights' identity: sha256 over every tensor's name, dtype, shape and bytes."""
+    """The weights' identity when they are no single hub file: sha256 over every tensor's name, dtype, shape, bytes."""
     import torch
 
     h = hashlib.sha256()
@@ -134,7 +160,7 @@ def _state_sha256(model) -> str:
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    return "state:" + h.hexdigest()
 
 
 def _as_standin(standin_or_hf_home):
@@ -150,17 +176,22 @@ def export(standin_or_hf_home, out_dir: Path) -> Path:
     """rclip's model files for a stand-in, in ``out_dir/<key>/`` (the layout of ``$RCLIP_DATADIR``); returns it.
 
     ``standin_or_hf_home``: a ``bench.standin.StandIn`` already prepared (``HF_HOME`` set), or a hub-cache folder
-    where the b32 stand-in is written/used via ``bench.standin.prepare``. The key is a hash of the weights, the
-    export format and torch's version, so a second call with the same weights only loads the model and hashes it.
+    where the b32 stand-in is written/used via ``bench.standin.prepare``. The key is a hash of the weights (their hub
+    file's sha256, else the loaded tensors'), the export format and torch's version, so a second call with the same
+    weights only hashes them.
     Written to a temporary folder and renamed, so a half-written export is never used.
     """
     import open_clip
     import torch
 
     standin = _as_standin(standin_or_hf_home)
-    model, _, _ = open_clip.create_model_and_transforms(standin.model, pretrained=standin.pretrained)
-    model.eval()
-    weights = _state_sha256(model)
+    model = None
+    file = _weights_file(standin)
+    if file is not None:  # hashing the file (about a second for ViT-B/32) spares loading the model on a cache hit
+        weights = "file:" + _file_sha256(file)
+    else:
+        model, _, _ = open_clip.create_model_and_transforms(standin.model, pretrained=standin.pretrained)
+        weights = _state_sha256(model)
     key_text = "|".join((str(EXPORT_FORMAT), standin.model, str(standin.pretrained), weights, torch.__version__,
                          str(ONNX_OPSET), MODEL_SUBDIR))
     key = hashlib.sha256(key_text.encode()).hexdigest()[:20]
@@ -168,6 +199,9 @@ def export(standin_or_hf_home, out_dir: Path) -> Path:
     final = out_dir / f"rclip-{key}"
     if (final / "export.json").is_file():
         return final
+    if model is None:
+        model, _, _ = open_clip.create_model_and_transforms(standin.model, pretrained=standin.pretrained)
+    model.eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".rclip-export-", dir=out_dir))
     tmp.chmod(0o755)  # mkdtemp makes it private; the export is no secret
