@@ -54,6 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--before-src", type=Path, default=None,
                    help="process: also run each command with an older cliplens, e.g. the src/ of `git archive COMMIT src`")
     p.add_argument("--photos", type=positive_int, default=200, help="process: photos in the re-indexed folder")
+    p.add_argument("--library", type=int, default=200,
+                   help="process: photos of 0.3-12 MP indexed from nothing beside open_clip and rclip (0: skip)")
+    p.add_argument("--cifar-sizes", type=_sizes, default=[256, 2000],
+                   help="process: CIFAR images indexed from nothing beside open_clip's pipeline (default 256,2000)")
+    p.add_argument("--heavy-reps", type=positive_int, default=None,
+                   help="process: runs of each whole indexing case (default: --reps)")
+    p.add_argument("--rclip", default=None,
+                   help="process: the rclip 3.3.0 executable to compare with (default $CLIPLENS_RCLIP, then PATH)")
     p.add_argument("-v", "--verbose", action="store_true", help="log each repetition")
     return p
 
@@ -122,7 +130,9 @@ def _run(args, tmp: Path, command: str) -> int:
 
         info = sd.load_ours(standin, precision="exact").info
         reports.append(process.run(info=info, workdir=tmp / "process", reps=args.reps, command=command,
-                                   before_src=args.before_src, photos=args.photos))
+                                   before_src=args.before_src, photos=args.photos, library=args.library,
+                                   cifar_sizes=tuple(args.cifar_sizes), heavy_reps=args.heavy_reps, standin=standin,
+                                   rclip=args.rclip))
         _emit(reports[-1], args.out)
     combined = _combine(args.out)
     print(f"wrote {combined}")

@@ -1,0 +1,44 @@
+"""Packing gives back the checkpoint pages of the weights it replaced: the image tower is not held twice."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from cliplens.packed import release_file_pages
+
+
+def _resident(path) -> int:
+    """Bytes of ``path``'s mappings resident in this process (/proc/self/smaps)."""
+    total, inside = 0, False
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            head = line.split()
+            if "-" in head[0] and len(head) >= 5 and ":" in head[3]:  # a mapping's first line
+                inside = len(head) == 6 and head[5] == str(path)
+            elif inside and head[0] == "Rss:":
+                total += int(head[1]) * 1024
+    return total
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_released_pages_leave_memory_and_the_tensor_still_reads_the_files_bytes(tmp_path):
+    data = np.random.default_rng(0).standard_normal(4 << 20).astype(np.float32)  # 16 MiB
+    path = tmp_path / "weights.bin"
+    data.tofile(path)
+    weights = torch.from_file(str(path), shared=False, size=data.size, dtype=torch.float32)  # a private mapping
+    assert float(weights.sum()) == pytest.approx(float(data.sum(dtype=np.float64)), rel=1e-4)  # every page read
+    assert _resident(path) >= 15 << 20
+    half = weights[: data.size // 2]
+    released = release_file_pages([weights], keep=[half])  # the half still in use keeps its pages
+    assert 7 << 20 <= released <= 8 << 20
+    assert 7 << 20 <= _resident(path) <= 9 << 20
+    assert release_file_pages([weights]) >= 15 << 20 and _resident(path) < 1 << 20
+    assert torch.equal(weights, torch.from_numpy(data))  # read again: the file's bytes, faulted back in
+
+
+def test_memory_not_mapped_from_a_file_is_never_touched():
+    t = torch.arange(1 << 22, dtype=torch.float32)  # anonymous memory: madvise there would zero it
+    assert release_file_pages([t]) == 0
+    assert torch.equal(t, torch.arange(1 << 22, dtype=torch.float32))
