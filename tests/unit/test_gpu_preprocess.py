@@ -53,3 +53,22 @@ def test_refuses_what_it_does_not_reproduce():
                 torch.zeros((2, 8, 8, 4), dtype=torch.uint8)):
         with pytest.raises(ValueError, match="uint8 tensor of shape"):
             preprocess_on_device(bad)
+
+
+def test_indexing_preprocesses_on_the_device_when_asked_and_gets_the_same_bytes(tiny_encoder, tiny_index, cifar_test,
+                                                                                 tmp_path, monkeypatch):
+    """CPU encoders keep the numpy path; one that preprocesses on its device (CUDA; forced here) gives the same index."""
+    from cliplens.embed import index_labeled
+    from cliplens.store import IndexStore
+
+    assert tiny_encoder.device_preprocess is False  # CPU: byte-identical behaviour, numpy preprocessing
+    monkeypatch.setattr(tiny_encoder, "device_preprocess", True)
+    calls = []
+    real = tiny_encoder._encode_on_device
+    monkeypatch.setattr(tiny_encoder, "_encode_on_device", lambda images: calls.append(len(images)) or real(images))
+    monkeypatch.setattr(tiny_encoder, "preprocess", lambda images: pytest.fail("numpy preprocessing ran"))
+    index_labeled(cifar_test, tiny_encoder, tmp_path / "on-device", batch_size=32, progress=False)
+    assert sum(calls) == len(cifar_test) and max(calls) == 32
+    got = np.asarray(IndexStore.open(tmp_path / "on-device").embeddings)
+    assert got.tobytes() == np.asarray(IndexStore.open(tiny_index).embeddings).tobytes()
+    assert not tiny_encoder.preprocesses_on_device([cifar_test.images[0]])  # lists of PIL images: numpy path
