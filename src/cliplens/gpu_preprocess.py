@@ -99,6 +99,6 @@ def preprocess_on_device(images: torch.Tensor, config: ClipPreprocessConfig = Cl
         else:
             pixels = _pass(_pass(planes, xop, 3, False), yop, 2, True)
         # the last pass's raw sums: finish Pillow's rounding (a no-op on values an earlier pass rounded)
-        block = pixels.floor().to(torch.float32).clamp_(0.0, 255.0)  # exact: small integers; grey broadcasts to RGB
+        block = pixels.floor_().to(torch.float32).clamp_(0.0, 255.0)  # exact: small integers; grey broadcasts to RGB
         out[i : i + len(block)] = (block / scale - mean) / std  # ToTensor, Normalize: float32, torchvision's order
     return out
