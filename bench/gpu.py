@@ -93,7 +93,7 @@ def _agreement(encoder, standin, index_dir: Path, *, sample: int, cuda: bool) ->
     from cliplens.store import IndexStore
 
     store = IndexStore.open(index_dir)
-    images = np.ascontiguousarray(store.images()[:sample])
+    images = np.array(store.images()[:sample])  # a writable copy of the memory-mapped thumbnails
     vectors = np.asarray(store.embeddings[:sample], np.float64)
     exact = load_encoder(standin.model, standin.pretrained, device="cpu", precision="exact") if cuda else encoder
     reference = np.asarray(exact.encode_pixels(preprocess_batch(images, exact.fast_config)), np.float64)

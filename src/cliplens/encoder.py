@@ -199,8 +199,9 @@ class Encoder:
         if not self._visual_ready:
             self._prepare_visual()
         with torch.inference_mode():  # outside autocast: the resampling is float64 on purpose
-            pixels = preprocess_on_device(torch.from_numpy(np.ascontiguousarray(images)).to(self.device),
-                                          self.fast_config)
+            # np.require: a copy only of a read-only or strided batch (torch wants writable memory)
+            uint8 = torch.from_numpy(np.require(images, requirements=["C", "W"])).to(self.device)
+            pixels = preprocess_on_device(uint8, self.fast_config)
         if pixels.device.type == "cpu":  # asked for on a CPU (tests): the CPU tower, sliced and packed
             return self.encode_pixels(pixels.numpy())
         return self._encode_tensor(pixels)

@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_the_cpu_fallback_writes_the_table_with_the_device_named(tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO)])}
     env.pop("HF_HOME", None)
-    done = subprocess.run([sys.executable, "-m", "bench", "gpu", "--model", "tiny", "--device", "cpu", "--n", "40",
+    done = subprocess.run([sys.executable, "-W", "error", "-m", "bench", "gpu", "--model", "tiny", "--device", "cpu", "--n", "40",
                            "--batch-size", "16", "--out", str(tmp_path)],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -72,3 +72,12 @@ def test_indexing_preprocesses_on_the_device_when_asked_and_gets_the_same_bytes(
     got = np.asarray(IndexStore.open(tmp_path / "on-device").embeddings)
     assert got.tobytes() == np.asarray(IndexStore.open(tiny_index).embeddings).tobytes()
     assert not tiny_encoder.preprocesses_on_device([cifar_test.images[0]])  # lists of PIL images: numpy path
+    frozen = cifar_test.images[:4].copy()
+    frozen.flags.writeable = False  # a memory-mapped or shared batch: encoded as well, without torch's warning
+    assert np.allclose(tiny_encoder.encode_images(frozen), vectors_of(tiny_index)[:4], atol=1e-6)  # another batch shape
+
+
+def vectors_of(index_dir) -> np.ndarray:
+    from cliplens.store import IndexStore
+
+    return np.asarray(IndexStore.open(index_dir).embeddings)
