@@ -1,4 +1,4 @@
-"""``python -m bench indexing|text|search|agreement|batch|all [options]`` (also ``cliplens bench ...`` in a checkout).
+"""``python -m bench indexing|text|search|agreement|batch|all|process|gpu [options]`` (also ``cliplens bench ...``).
 
 Every benchmark runs the reference pipeline and cliplens in this one process, on the same inputs, with the
 real ViT-B-32-quickgelu architecture and random stand-in weights loaded through the real hub-cache path
@@ -19,6 +19,7 @@ from cliplens.cli.core import positive_int  # no numpy: main() still calms BLAS 
 BENCHMARKS = ("indexing", "text", "search", "agreement", "batch")
 # Fresh processes as users run them (ViT-B/32 only, minutes): not part of "all"
 WHOLE_PROCESS = ("process",)
+GPU = ("gpu",)  # CUDA indexing + queries in one call (bench/gpu.sh); a tiny CPU fallback without CUDA; not in "all"
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
 
@@ -34,17 +35,25 @@ def _sizes(text: str) -> list[int]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
-    p.add_argument("benchmark", choices=(*BENCHMARKS, *WHOLE_PROCESS, "all"))
-    p.add_argument("--n", type=positive_int, default=512,
-                   help="images for indexing and agreement (default 512; the batch sweep uses up to 128)")
-    p.add_argument("--reps", type=positive_int, default=3, help="repetitions: medians and spreads reported (default 3)")
+    p.add_argument("benchmark", choices=(*BENCHMARKS, *WHOLE_PROCESS, *GPU, "all"))
+    p.add_argument("--n", type=positive_int, default=None,
+                   help="images for indexing and agreement (default 512; the batch sweep uses up to 128; "
+                        "gpu: 10,000 on CUDA, 64 on the CPU fallback)")
+    p.add_argument("--reps", type=positive_int, default=None,
+                   help="repetitions: medians and spreads reported (default 3; gpu's CPU fallback: 1)")
     p.add_argument("--jpegs", type=int, default=20, help="JPEGs of 1-4 megapixels for the folder case (0: skip)")
     p.add_argument("--index-size", type=positive_int, default=10_000, help="vectors searched by the text benchmark")
     p.add_argument("--sizes", type=_sizes, default=[10_000, 100_000, 1_000_000], help="search benchmark sizes")
     p.add_argument("--backends", default="auto",
                    help="fast backends to run: auto (what --precision fast picks), all, or a comma list "
                         "(onnx-int8,torch-int8,bf16); 'none' runs exact only")
-    p.add_argument("--batch-size", type=positive_int, default=None, help="cliplens batch size (default: its own)")
+    p.add_argument("--batch-size", type=positive_int, default=None,
+                   help="cliplens batch size (default: its own; gpu: 1024 or the largest the GPU memory probe allows, "
+                        "32 on the CPU fallback)")
+    p.add_argument("--sample", type=positive_int, default=None,
+                   help="gpu: images compared with the CPU exact path (default 512 on CUDA, 32 on the CPU)")
+    p.add_argument("--device", choices=("auto", "cpu"), default="auto",
+                   help="gpu: auto (CUDA when torch sees it) or cpu (the fallback even where a GPU is)")
     p.add_argument("--model", choices=("b32", "tiny"), default="b32",
                    help="b32: ViT-B-32-quickgelu (default); tiny: a 2-layer CLIP for smoke tests only")
     p.add_argument("--hf-home", type=Path, default=None,
@@ -71,14 +80,16 @@ def main(argv: list[str] | None = None) -> int:
 
     calm_blas_threads()  # as `cliplens` does: before numpy is imported
     args = build_parser().parse_args(argv)
+    gpu_sizes = {"n": args.n, "reps": args.reps}  # gpu picks its own defaults per device
+    args.n, args.reps = args.n or 512, args.reps or 3
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     command = "python -m bench " + " ".join(shlex.quote(a) for a in (sys.argv[1:] if argv is None else argv))
     with tempfile.TemporaryDirectory(prefix="cliplens-bench-") as tmp:
-        return _run(args, Path(tmp), command)
+        return _run(args, Path(tmp), command, gpu_sizes)
 
 
-def _run(args, tmp: Path, command: str) -> int:
+def _run(args, tmp: Path, command: str, gpu_sizes: dict | None = None) -> int:
     from bench import standin as sd
 
     wanted = list(BENCHMARKS) if args.benchmark == "all" else [args.benchmark]
@@ -125,6 +136,12 @@ def _run(args, tmp: Path, command: str) -> int:
 
                 reports.append(batch.run(encoders=encoders, images=min(args.n, 128), reps=args.reps, command=command))
                 _emit(reports[-1], args.out)
+    if "gpu" in wanted:
+        from bench import gpu
+
+        reports.append(gpu.run(standin=standin, workdir=tmp / "gpu", command=command, batch_size=args.batch_size,
+                               sample=args.sample, device=args.device, **(gpu_sizes or {})))
+        _emit(reports[-1], args.out)
     if "process" in wanted:  # fresh processes: the harness only needs the stand-in's identity
         from bench import process
 
@@ -141,7 +158,7 @@ def _run(args, tmp: Path, command: str) -> int:
 
 def _combine(out: Path) -> Path:
     """``latest.md``: the latest result of every benchmark in ``out``, each with its own machine line and command."""
-    parts = [(out / f"{name}.md").read_text() for name in (*BENCHMARKS, *WHOLE_PROCESS) if (out / f"{name}.md").is_file()]
+    parts = [(out / f"{name}.md").read_text() for name in (*BENCHMARKS, *WHOLE_PROCESS, *GPU) if (out / f"{name}.md").is_file()]
     combined = out / "latest.md"
     combined.write_text("# cliplens benchmarks (latest run of each)\n\n" + "\n".join(parts))
     return combined

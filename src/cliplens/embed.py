@@ -2,6 +2,8 @@
 
 Preprocessing (decode, resize, normalise: numpy and PIL, which release the GIL) runs in a thread pool a few
 batches ahead of the model, so the CPU cores the model leaves idle between matrix products are not wasted.
+On a GPU, fixed-size uint8 batches (CIFAR) skip the numpy step: the encoder resamples them on the device with the
+same arithmetic (``Encoder.preprocesses_on_device``; :mod:`cliplens.gpu_preprocess`).
 """
 
 from __future__ import annotations
@@ -101,19 +103,24 @@ def embed_into(source: BatchSource, encoder, writer: IndexWriter, *, batch_size:
     t0 = time.perf_counter()
     bar = tqdm(total=n, initial=done, unit="img", desc="embedding", disable=not progress, dynamic_ncols=True)
 
-    def prepare(start: int) -> np.ndarray:
-        return encoder.preprocess(source.load(start, min(start + batch_size, n)))
+    on_device = getattr(encoder, "preprocesses_on_device", None)  # GPU encoders resample fixed-size batches there
+
+    def prepare(start: int) -> tuple[Any, bool]:
+        images = source.load(start, min(start + batch_size, n))
+        if on_device is not None and on_device(images):
+            return images, True  # uint8 as loaded: encode_images preprocesses it on the device
+        return encoder.preprocess(images), False
 
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             ahead = workers + 1  # batches in flight: enough to hide preprocessing, bounded memory (~ahead x 38 MB)
             futures = [pool.submit(prepare, s) for s in starts[:ahead]]
             for i, start in enumerate(starts):
-                pixels = futures[i].result()
+                pixels, raw = futures[i].result()
                 if i + ahead < len(starts):
                     futures.append(pool.submit(prepare, starts[i + ahead]))
                 futures[i] = None  # drop the reference: the pixels are large
-                writer.write(start, encoder.encode_pixels(pixels))
+                writer.write(start, encoder.encode_images(pixels) if raw else encoder.encode_pixels(pixels))
                 stop = start + len(pixels)
                 if (i + 1) % checkpoint_every == 0 or stop == n:
                     writer.checkpoint(stop)

@@ -157,6 +157,9 @@ class Encoder:
         self._image_pool = None
         # CPU, exact: the image tower's matrix products get prepacked for oneDNN on first use (cliplens.packed)
         self.pack_images = str(device) == "cpu"
+        # CUDA: fixed-size uint8 batches (CIFAR) are resampled on the GPU (cliplens.gpu_preprocess, the same
+        # arithmetic as preprocess_batch); False sends them through numpy like everything else
+        self.device_preprocess = str(device).startswith("cuda")
         self._visual_ready = False
         self.text_runner = None  # cliplens.fast may set a faster runner of the same text prefix (fp32)
 
@@ -182,6 +185,27 @@ class Encoder:
             return np.zeros((0, 3, self.info.image_size, self.info.image_size), np.float32)
         return np.stack(out)
 
+    def preprocesses_on_device(self, images) -> bool:
+        """True when :meth:`encode_images` resamples ``images`` on the encoder's device instead of in numpy."""
+        return (self.device_preprocess and self.fast_config is not None and isinstance(images, np.ndarray)
+                and images.dtype == np.uint8 and images.ndim == 4 and images.shape[-1] == 3)
+
+    def _encode_on_device(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N,H,W,3) -> unit vectors, preprocessed where the model runs: only 3 KB per CIFAR image travel."""
+        import torch
+
+        from cliplens.gpu_preprocess import preprocess_on_device
+
+        if not self._visual_ready:
+            self._prepare_visual()
+        with torch.inference_mode():  # outside autocast: the resampling is float64 on purpose
+            # np.require: a copy only of a read-only or strided batch (torch wants writable memory)
+            uint8 = torch.from_numpy(np.require(images, requirements=["C", "W"])).to(self.device)
+            pixels = preprocess_on_device(uint8, self.fast_config)
+        if pixels.device.type == "cpu":  # asked for on a CPU (tests): the CPU tower, sliced and packed
+            return self.encode_pixels(pixels.numpy())
+        return self._encode_tensor(pixels)
+
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """float32 (N,3,S,S) preprocessed pixels -> float32 (N,D) unit vectors."""
         if not self._visual_ready:
@@ -203,10 +227,14 @@ class Encoder:
     def _encode_pixels_once(self, pixels: np.ndarray) -> np.ndarray:
         import torch
 
+        with torch.inference_mode():
+            return self._encode_tensor(torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device))
+
+    def _encode_tensor(self, x) -> np.ndarray:
+        import torch
+
         with torch.inference_mode(), self._autocast():
-            x = torch.from_numpy(np.ascontiguousarray(pixels)).to(self.device)
-            feats = self.model.encode_image(x)
-            return _normalise(feats)
+            return _normalise(self.model.encode_image(x))
 
     def _encode_pixels_sliced(self, pixels: np.ndarray) -> np.ndarray:
         """The batch cut into one slice per core, the slices encoded concurrently on one thread each.
@@ -229,6 +257,8 @@ class Encoder:
         return self._image_pool
 
     def encode_images(self, images) -> np.ndarray:
+        if self.preprocesses_on_device(images):
+            return self._encode_on_device(images)
         return self.encode_pixels(self.preprocess(images))
 
     # ---------------------------------------------------------------- text
