@@ -8,11 +8,13 @@ The exact numpy index is the default and the oracle every other backend is teste
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import numpy as np
+if TYPE_CHECKING:
+    import numpy as np
 
-from cliplens.index.exact import ExactIndex
+    from cliplens.index.backends import BACKENDS, build_index, open_index
+    from cliplens.index.exact import ExactIndex
 
 
 class VectorIndex(Protocol):
@@ -23,6 +25,19 @@ class VectorIndex(Protocol):
         ...
 
 
-from cliplens.index.backends import BACKENDS, build_index, open_index  # noqa: E402  (FAISS/Milvus load lazily)
+_LAZY = {"ExactIndex": "cliplens.index.exact", "BACKENDS": "cliplens.index.backends",
+         "build_index": "cliplens.index.backends", "open_index": "cliplens.index.backends"}
+
+
+def __getattr__(name: str):
+    """The backends load on first use: the CLI's parser reads ``cliplens.index.registry`` without numpy (--help)."""
+    if name in _LAZY:
+        import importlib
+
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = ["BACKENDS", "ExactIndex", "VectorIndex", "build_index", "open_index"]
