@@ -235,6 +235,18 @@ def _plan(root: Path, files: list[FolderFile], prev, options: FolderIndexOptions
     return plan
 
 
+def fast_decode_size(info) -> int | None:
+    """The reduced JPEG decode of ``--precision fast`` (None in exact mode, whose pixels equal open_clip's): both
+    sides at least twice the model's input and at least the 512 px thumbnail made from the same decode. A
+    12-megapixel JPEG then decodes at 1/4 or 1/8 scale, several times faster; agreement with exact is measured
+    (tests/unit/test_fast_decode.py, docs/performance.md)."""
+    if not str(getattr(info, "precision", "exact")).startswith("fast"):
+        return None
+    from cliplens.sources.photos import THUMB_SIZES
+
+    return max(2 * int(info.image_size), max(THUMB_SIZES))
+
+
 def index_folder(root: str | Path, encoder, index_dir: str | Path, *,
                  options: FolderIndexOptions = FolderIndexOptions(),
                  embed_fn: Callable | None = None) -> FolderIndexSummary:
@@ -420,7 +432,8 @@ def _embed_pending(root: Path, rels: list[str], shas: list[str], encoder, folder
     writer = IndexWriter(root=folder.root, identity=identity, dim=info.embed_dim, kind="pending", folder=folder)
     made: dict[int, tuple] = {}  # position -> thumbnails, made by the decoding threads (local engine only)
     in_process = embed_fn is None or getattr(getattr(embed_fn, "__self__", None), "in_process", False)
-    source = FolderSource(root, rels, max_pixels=options.max_pixels, thumbs=made if in_process else None)
+    source = FolderSource(root, rels, max_pixels=options.max_pixels, thumbs=made if in_process else None,
+                          reduce_to=fast_decode_size(info))
     (embed_fn or embed_into)(source, encoder, _ZeroFailed(writer, source.failed), batch_size=batch_size,
                              checkpoint_every=1, workers=options.workers, progress=options.progress)
     writer.close()

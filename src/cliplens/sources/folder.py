@@ -234,7 +234,7 @@ def _check_pixels(w: int, h: int, max_pixels: int) -> None:
 def decode_image(source: str | Path | BinaryIO, *, max_pixels: int, reduce_to: int | None = None):
     """Decode one image to an RGB PIL image: first frame, EXIF orientation applied, transparency on white.
 
-    ``reduce_to`` (for previews, never for embedding: it changes pixels): decode a JPEG at the smallest DCT
+    ``reduce_to`` (previews, and embedding in fast mode only: it changes pixels): decode a JPEG at the smallest DCT
     scale (1/2, 1/4, 1/8) that keeps both sides at least ``reduce_to`` px, so a 9000 x 9000 photo costs
     1125 x 1125 pixels of memory instead of 81 million. Other formats decode at full size (within the pixel
     limit) and are shrunk right after.
@@ -303,8 +303,11 @@ class FolderSource:
     transform (a bicubic resize of the whole image); JPEG draft decoding would change the pixels.
     """
 
-    def __init__(self, root: Path, rels: list[str], *, max_pixels: int, thumbs: dict | None = None):
+    def __init__(self, root: Path, rels: list[str], *, max_pixels: int, thumbs: dict | None = None,
+                 reduce_to: int | None = None):
         self.root, self.rels, self.max_pixels = root, rels, max_pixels
+        # fast mode only (it changes pixels): JPEGs decoded at a reduced DCT scale, both sides >= reduce_to
+        self.reduce_to = reduce_to
         self.failed: dict[int, str] = {}  # position -> reason
         # position -> (256 px, 512 px WebP), made from the image decoded here anyway (cliplens.sources.photos):
         # the index's thumbnails then need no second decode. None: not asked for (a Ray worker's copy, say).
@@ -329,7 +332,7 @@ class FolderSource:
 
         try:
             with open_regular(self.root / self.rels[i], root=self.root) as f:
-                rgb = decode_image(f, max_pixels=self.max_pixels)
+                rgb = decode_image(f, max_pixels=self.max_pixels, reduce_to=getattr(self, "reduce_to", None))
             if self.thumbs is not None and self._thumb_bytes < FRESH_THUMB_BYTES:
                 from cliplens.sources.photos import thumbnails_of_decoded
 
