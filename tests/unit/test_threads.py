@@ -34,4 +34,7 @@ def test_left_alone_when_too_late_or_chosen(code, env, want):
 
 def test_the_cli_sets_it_first_thing():
     out = _run("from cliplens.cli import main; main(['--version']); " + SHOW)
-    assert out[-2:] == ["4", "True"]  # set, and numpy was loaded after it (by the subcommand modules)
+    assert out[-2:] == ["4", "False"]  # set, before anything loads numpy (building the parser no longer does)
+    out = _run("import contextlib, io\nfrom cliplens.cli import main\nwith contextlib.redirect_stdout(io.StringIO()):"
+               "\n    main(['--version'])\nimport numpy\n" + SHOW)
+    assert out[-2:] == ["4", "True"]  # and numpy, loaded later by a command, finds it set
