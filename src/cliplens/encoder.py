@@ -488,9 +488,12 @@ def _create_model(model: str, checkpoint: str | None, device: str):
     import open_clip
     import torch
 
-    if checkpoint is None or device != "cpu" or Path(checkpoint).suffix in (".npz", ".npy"):
+    def usual():
         clip, _, transform = open_clip.create_model_and_transforms(model, pretrained=checkpoint, device=device)
         return clip, transform
+
+    if checkpoint is None or device != "cpu" or Path(checkpoint).suffix in (".npz", ".npy"):
+        return usual()
     root, quiet = logging.getLogger(), _NotRandom()
     root.addFilter(quiet)  # open_clip warns that the model "initialized randomly": it is not, weights follow
     try:
@@ -499,33 +502,28 @@ def _create_model(model: str, checkpoint: str | None, device: str):
                                                                        load_weights=False)
     finally:
         root.removeFilter(quiet)
-    dtypes = {id(t): t.dtype for t in (*clip.parameters(), *clip.buffers())}
-    kinds = {(id(m), n): dtypes[id(t)] for m in clip.modules()
-             for n, t in (*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)) if t is not None}
+    dtypes = {(id(m), name): t.dtype for m in clip.modules() for name, t in _own_tensors(m)}
     clip.load_state_dict = functools.partial(clip.load_state_dict, assign=True)  # this instance only
     try:
         open_clip.load_checkpoint(clip, checkpoint, strict=True, weights_only=True)
     finally:
         del clip.load_state_dict
-    for module in clip.modules():  # a float16 checkpoint is cast as copying into float32 parameters casts it
-        for name, t in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)):
-            want = kinds.get((id(module), name))
-            if t is not None and want is not None and t.dtype != want and not t.is_meta:
-                t.data = t.data.to(want)
     for module in clip.modules():
-        for name, buf in list(module.named_buffers(recurse=False)):
-            if buf is not None and buf.is_meta:
-                if name == "attn_mask" and buf.ndim == 2 and buf.shape[0] == buf.shape[1]:
-                    mask = torch.full(tuple(buf.shape), float("-inf"), dtype=buf.dtype).triu_(1)
-                    setattr(module, name, mask)  # open_clip's build_causal_mask
-                else:
-                    log.debug("%s: buffer %s not in the checkpoint; loading the usual way", model, name)
-                    clip, _, transform = open_clip.create_model_and_transforms(model, pretrained=checkpoint,
-                                                                               device=device)
-                    return clip, transform
-    if any(t.is_meta for t in (*clip.parameters(), *clip.buffers())):
-        clip, _, transform = open_clip.create_model_and_transforms(model, pretrained=checkpoint, device=device)
+        for name, t in _own_tensors(module):
+            if t.is_meta:  # not in the checkpoint
+                if name != "attn_mask" or t.ndim != 2 or t.shape[0] != t.shape[1]:
+                    log.debug("%s: %s is not in the checkpoint; loading the usual way", model, name)
+                    return usual()
+                setattr(module, name, torch.full(tuple(t.shape), float("-inf"), dtype=t.dtype).triu_(1))
+            elif t.dtype != dtypes[(id(module), name)]:  # a float16 checkpoint: cast as copying into the model casts
+                t.data = t.data.to(dtypes[(id(module), name)])
     return clip, transform
+
+
+def _own_tensors(module) -> list:
+    """(name, tensor) of ``module``'s own parameters and buffers (not its children's)."""
+    return [(n, t) for n, t in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))
+            if t is not None]
 
 
 # How a checkpoint file starts: a zip (torch.save since 1.6), a legacy pickle (protocol 2+), or safetensors
