@@ -299,8 +299,9 @@ class FolderSource:
     and frees each full-size image when the next one is asked for: the preprocessing that consumes it keeps
     only 224 x 224 pixels per image. Memory per decoding thread is therefore one full-size image (3 bytes a
     pixel for RGB, up to about 8 during an RGBA or EXIF-rotation conversion), however large the batch; the
-    pixel limit bounds that image. The decode is full size because the exact path must equal open_clip's
-    transform (a bicubic resize of the whole image); JPEG draft decoding would change the pixels.
+    pixel limit bounds that image. In exact mode the decode is full size, because the exact path must equal
+    open_clip's transform (a bicubic resize of the whole image); ``reduce_to`` (``--precision fast``) decodes
+    JPEGs at a reduced DCT scale instead, which changes the pixels slightly and costs a fraction of the memory.
     """
 
     def __init__(self, root: Path, rels: list[str], *, max_pixels: int, thumbs: dict | None = None,
