@@ -55,7 +55,8 @@ model, _, preprocess = open_clip.create_model_and_transforms("ViT-B-32-quickgelu
 model.eval()
 if Path(source, "cifar-100-python").is_dir():
     with open(Path(source, "cifar-100-python", "test"), "rb") as f:
-        data = pickle.load(f, encoding="latin1")["data"]
+        batch = pickle.load(f, encoding="latin1")
+    data = batch["data"] if "data" in batch else batch[b"data"]
     images = (Image.fromarray(a) for a in data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
 else:
     files = sorted(p for p in Path(source).rglob("*") if p.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
