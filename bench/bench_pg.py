@@ -74,7 +74,7 @@ def pg_sizes(index) -> dict:
 
 
 def bench(store, queries: np.ndarray, args) -> list[dict]:
-    from cliplens.index import ExactIndex, build_index
+    from cliplens.index import ExactIndex, build_index, open_index
     from cliplens.query import Where
 
     n = len(store)
@@ -89,8 +89,6 @@ def bench(store, queries: np.ndarray, args) -> list[dict]:
     reused = args.reuse_builds.get(str(n)) if args.reuse_builds else None
     t0 = time.perf_counter()
     if reused:  # the indexes an earlier run built over this same store (its build times come from its record)
-        from cliplens.index import open_index
-
         hnsw = open_index(store, "faiss", factory="HNSW32")
         builds["faiss"] = dict(reused["faiss"])
     else:

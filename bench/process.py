@@ -23,6 +23,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+from bench import rclip_ref
 from bench.common import Report, Stats, ratio
 
 REFERENCE_QUERY = '''
@@ -174,14 +175,12 @@ def prepare(workdir: Path, info, *, photos: int, library: int, cifar_sizes: tupl
 
 
 def _rclip(workdir: Path, standin, rclip: str | None):
-    """rclip's module and models (bench/rclip_ref.py) when rclip is installed, else None."""
-    from bench import rclip_ref
-
+    """(rclip executable, its exported models) when rclip is installed (bench/rclip_ref.py), else None."""
     try:
         rclip = rclip_ref.find_rclip(rclip)
-    except (FileNotFoundError, OSError, RuntimeError, ValueError):
+    except FileNotFoundError:
         return None
-    return rclip_ref, rclip, rclip_ref.export(standin, workdir / "rclip-models")
+    return rclip, rclip_ref.export(standin, workdir / "rclip-models")
 
 
 def run(*, info, workdir: Path, reps: int, command: str, before_src: Path | None = None, photos: int = 200,
@@ -207,17 +206,17 @@ def run(*, info, workdir: Path, reps: int, command: str, before_src: Path | None
     anchors: dict[str, dict] = {"one-shot text query, 10k index": {
         "open_clip script": ([sys.executable, "-c", REFERENCE_QUERY, str(paths["index"]), "tractor"], env)}}
     if rc is not None:
-        mod, exe, models = rc
-        renv = mod.rclip_env(workdir / "rclip-photos", models, base=base)
-        subprocess.run(mod.index_argv(paths["photos"], rclip=exe), env=renv, check=True, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL)
+        exe, models = rc
+        renv = rclip_ref.rclip_env(workdir / "rclip-photos", models, base=base)
+        rclip_index = rclip_ref.index_argv(paths["photos"], rclip=exe)
+        subprocess.run(rclip_index, env=renv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         anchors["one-shot text query, 10k index"]["rclip 3.3.0 (200-photo index)"] = (
-            mod.query_argv(paths["photos"], rclip=exe), renv)
-        anchors["re-index an unchanged folder"] = {"rclip 3.3.0 (and a query)": (mod.index_argv(paths["photos"],
-                                                                                                 rclip=exe), renv)}
+            rclip_ref.query_argv(paths["photos"], rclip=exe), renv)
+        anchors["re-index an unchanged folder"] = {"rclip 3.3.0 (and a query)": (rclip_index, renv)}
     cases = {
         "one-shot text query, 10k index": ["search", "tractor", "--index-dir", str(paths["index"])],
-        "re-index an unchanged folder": ["index", str(paths["photos"]), "--index-dir", str(paths["photos_index"]), "-q"],
+        "re-index an unchanged folder": ["index", str(paths["photos"]), "--index-dir", str(paths["photos_index"]),
+                                         "-q"],
         "re-index an unchanged CIFAR split": ["index", "cifar100", "--data-dir", str(paths["cifar"]), "--no-verify",
                                               "--index-dir", str(paths["cifar_index"]), "-q"],
         "info": ["info", "--index-dir", str(paths["index"])],
@@ -236,9 +235,9 @@ def run(*, info, workdir: Path, reps: int, command: str, before_src: Path | None
                                       "--precision", "fast"], env, [fresh_index]),
             "open_clip script": (reference + [str(paths["library"]), str(workdir / "ref.npy")], env)}
         if rc is not None:
-            lenv = mod.rclip_env(workdir / "rclip-library", models, base=base)
-            heavy[case]["rclip 3.3.0 (and a query)"] = (mod.index_argv(paths["library"], rclip=exe), lenv,
-                                                         [mod.database(lenv)])
+            lenv = rclip_ref.rclip_env(workdir / "rclip-library", models, base=base)
+            heavy[case]["rclip 3.3.0 (and a query)"] = (rclip_ref.index_argv(paths["library"], rclip=exe), lenv,
+                                                         [rclip_ref.database(lenv)])
     for n in cifar_sizes:
         data = ["index", "cifar100", "--data-dir", str(paths[f"cifar{n}"]), "--no-verify", "--index-dir",
                 str(fresh_index), "-q"]

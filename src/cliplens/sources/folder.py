@@ -333,7 +333,7 @@ class FolderSource:
 
         try:
             with open_regular(self.root / self.rels[i], root=self.root) as f:
-                rgb = decode_image(f, max_pixels=self.max_pixels, reduce_to=getattr(self, "reduce_to", None))
+                rgb = decode_image(f, max_pixels=self.max_pixels, reduce_to=self.reduce_to)
             if self.thumbs is not None and self._thumb_bytes < FRESH_THUMB_BYTES:
                 from cliplens.sources.photos import thumbnails_of_decoded
 
