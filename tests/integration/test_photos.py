@@ -386,6 +386,7 @@ def test_thumbnails_come_from_the_decode_that_embeds(photos, tiny_model, tmp_pat
     import cliplens.sources.photos as photos_mod
 
     monkeypatch.setattr(photos_mod, "describe_file", lambda *a, **k: pytest.fail("a photo was decoded twice"))
+    monkeypatch.setattr(photos_mod, "header_meta", lambda *a, **k: pytest.fail("a photo's header was read again"))
     code, out, _ = run(capsys, "index", photos, "--index-dir", tmp_path / "i", "--model", tiny_model, "--device",
                        "cpu", "-q")
     store = IndexStore.open(tmp_path / "i")

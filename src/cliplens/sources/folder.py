@@ -242,6 +242,15 @@ def decode_image(source: str | Path | BinaryIO, *, max_pixels: int, reduce_to: i
     Raises ImageTooLarge (checked on the header, before decoding) or ImageSkipped; never anything else for a
     bad file.
     """
+    return decode_image_exif(source, max_pixels=max_pixels, reduce_to=reduce_to)[0]
+
+
+def decode_image_exif(source: str | Path | BinaryIO, *, max_pixels: int, reduce_to: int | None = None):
+    """(RGB image as :func:`decode_image` returns it, the file's EXIF, (width, height) as stored in the file).
+
+    The EXIF comes from the same read, after decoding: a PNG keeps its eXIf chunk wherever it lies, and the
+    photo metadata (cliplens.sources.photos) needs no second open of the file.
+    """
     from PIL import ImageOps
 
     opened = _open(source)
@@ -253,16 +262,17 @@ def decode_image(source: str | Path | BinaryIO, *, max_pixels: int, reduce_to: i
         if reduce_to is not None and opened.format in ("JPEG", "MPO"):
             opened.draft("RGB", (reduce_to, reduce_to))  # square request: the same whatever the EXIF rotation
         opened.load()
+        exif = opened.getexif()  # parsed once; a PNG's eXIf chunk is known now that the data is read
         im = opened
         if reduce_to is not None and min(im.size) >= 2 * reduce_to:  # PNG, WebP...: box-reduce at once
             im = im.reduce(min(im.size) // reduce_to)
-        if im.getexif().get(_ORIENTATION, 1) not in (1, None):
+        if exif.get(_ORIENTATION, 1) not in (1, None):
             im = ImageOps.exif_transpose(im)  # a rotated copy (without the tag); only when there is a rotation
         rgb = to_rgb(im)  # itself when already RGB: no second full-size copy
         for used in (opened, im):
             if used is not rgb:
                 used.close()  # the pixels live on in ``rgb``; free the rest now, not at garbage collection
-        return rgb
+        return rgb, exif, (w, h)
     except ImageSkipped:
         opened.close()
         raise
@@ -310,8 +320,9 @@ class FolderSource:
         # fast mode only (it changes pixels): JPEGs decoded at a reduced DCT scale, both sides >= reduce_to
         self.reduce_to = reduce_to
         self.failed: dict[int, str] = {}  # position -> reason
-        # position -> (256 px, 512 px WebP), made from the image decoded here anyway (cliplens.sources.photos):
-        # the index's thumbnails then need no second decode. None: not asked for (a Ray worker's copy, say).
+        # position -> (metadata, 256 px WebP, 512 px WebP), made from the image decoded here anyway
+        # (cliplens.sources.photos): the index's thumbnails and metadata then need no second read of the file.
+        # None: not asked for (a Ray worker's copy, say).
         # Kept in memory up to FRESH_THUMB_BYTES (about 1,500 photos); later ones are decoded again when written.
         self.thumbs, self._thumb_bytes = thumbs, 0
 
@@ -333,11 +344,13 @@ class FolderSource:
 
         try:
             with open_regular(self.root / self.rels[i], root=self.root) as f:
-                rgb = decode_image(f, max_pixels=self.max_pixels, reduce_to=self.reduce_to)
+                rgb, exif, size = decode_image_exif(f, max_pixels=self.max_pixels, reduce_to=self.reduce_to)
+                mtime_ns = os.fstat(f.fileno()).st_mtime_ns
             if self.thumbs is not None and self._thumb_bytes < FRESH_THUMB_BYTES:
-                from cliplens.sources.photos import thumbnails_of_decoded
+                from cliplens.sources.photos import meta_from_exif, thumbnails_of_decoded
 
-                small, big = self.thumbs[i] = thumbnails_of_decoded(rgb)
+                small, big = thumbnails_of_decoded(rgb)
+                self.thumbs[i] = (meta_from_exif(exif, size, mtime_ns), small, big)
                 self._thumb_bytes += len(small) + len(big)
             return rgb
         except ImageSkipped as exc:
