@@ -105,20 +105,33 @@ def embed_into(source: BatchSource, encoder, writer: IndexWriter, *, batch_size:
 
     on_device = getattr(encoder, "preprocesses_on_device", None)  # GPU encoders resample fixed-size batches there
 
-    def prepare(start: int) -> tuple[Any, bool]:
-        images = source.load(start, min(start + batch_size, n))
+    def prepare(start: int, stop: int) -> tuple[Any, bool]:
+        images = source.load(start, stop)
         if on_device is not None and on_device(images):
             return images, True  # uint8 as loaded: encode_images preprocesses it on the device
         return encoder.preprocess(images), False
 
+    # A batch is prepared as `2 x workers` chunks, so every worker helps with the first one (the model waits for
+    # it) instead of one worker decoding it alone; the model still sees whole batches (the same float results).
+    chunk = max(1, -(-batch_size // (2 * max(1, workers))))
+
+    def submit(pool, start: int) -> list:
+        stop = min(start + batch_size, n)
+        return [pool.submit(prepare, s, min(s + chunk, stop)) for s in range(start, stop, chunk)]
+
+    def gather(parts: list) -> tuple[Any, bool]:
+        done_parts = [f.result() for f in parts]
+        arrays = [a for a, _ in done_parts]
+        return (arrays[0] if len(arrays) == 1 else np.concatenate(arrays)), done_parts[0][1]
+
     try:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             ahead = workers + 1  # batches in flight: enough to hide preprocessing, bounded memory (~ahead x 38 MB)
-            futures = [pool.submit(prepare, s) for s in starts[:ahead]]
+            futures = [submit(pool, s) for s in starts[:ahead]]
             for i, start in enumerate(starts):
-                pixels, raw = futures[i].result()
+                pixels, raw = gather(futures[i])
                 if i + ahead < len(starts):
-                    futures.append(pool.submit(prepare, starts[i + ahead]))
+                    futures.append(submit(pool, starts[i + ahead]))
                 futures[i] = None  # drop the reference: the pixels are large
                 writer.write(start, encoder.encode_images(pixels) if raw else encoder.encode_pixels(pixels))
                 stop = start + len(pixels)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import logging
+import threading
 from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
@@ -25,13 +26,12 @@ import numpy as np
 from cliplens._files import cached_sha256
 from cliplens.errors import ModelError
 from cliplens.manifest import ModelInfo  # noqa: F401  (recorded in manifests; defined there)
-from cliplens.preprocess import ClipPreprocessConfig, preprocess_batch
+from cliplens.preprocess import ClipPreprocessConfig, preprocess_batch, preprocess_pil
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "ViT-B-32-quickgelu"
 DEFAULT_PRETRAINED = "openai"
-_FAST_MAX_PIXELS = 2_000_000
 SMALL_TEXT_BATCH = 32  # up to this many texts (queries, prompt ensembles) are encoded on one thread; see Encoder
 PRECISIONS = ("exact", "fast")  # fast: a faster image tower (cliplens.fast), recorded as "fast:<backend>"
 
@@ -161,6 +161,7 @@ class Encoder:
         # arithmetic as preprocess_batch); False sends them through numpy like everything else
         self.device_preprocess = str(device).startswith("cuda")
         self._visual_ready = False
+        self._visual_lock = threading.Lock()  # packing runs once, maybe on a background thread
         self.text_runner = None  # cliplens.fast may set a faster runner of the same text prefix (fp32)
 
     # ---------------------------------------------------------------- images
@@ -176,9 +177,8 @@ class Encoder:
             images = [Image.fromarray(a) for a in images]
         out = []
         for im in images:
-            # The batched path wins up to ~2 MP; for camera-size photos PIL's own resize is faster (same bits).
-            if self.fast_config is not None and im.mode == "RGB" and im.width * im.height <= _FAST_MAX_PIXELS:
-                out.append(preprocess_batch(np.asarray(im)[None], self.fast_config)[0])
+            if self.fast_config is not None and im.mode == "RGB":  # the same bits, without torch (preprocess_pil)
+                out.append(preprocess_pil(im, self.fast_config))
             else:  # palette, RGBA, etc.: open_clip's transform is the definition of right
                 out.append(self.transform(im).numpy())
         if not out:
@@ -196,8 +196,7 @@ class Encoder:
 
         from cliplens.gpu_preprocess import preprocess_on_device
 
-        if not self._visual_ready:
-            self._prepare_visual()
+        self._ensure_visual()
         with torch.inference_mode():  # outside autocast: the resampling is float64 on purpose
             # np.require: a copy only of a read-only or strided batch (torch wants writable memory)
             uint8 = torch.from_numpy(np.require(images, requirements=["C", "W"])).to(self.device)
@@ -208,11 +207,23 @@ class Encoder:
 
     def encode_pixels(self, pixels: np.ndarray) -> np.ndarray:
         """float32 (N,3,S,S) preprocessed pixels -> float32 (N,D) unit vectors."""
-        if not self._visual_ready:
-            self._prepare_visual()
+        self._ensure_visual()
         if self.image_workers > 1 and len(pixels) > 1 and not getattr(self.model.visual, "slices_batches", False):
             return self._encode_pixels_sliced(pixels)
         return self._encode_pixels_once(pixels)
+
+    def prepare_images_in_background(self) -> None:
+        """Start readying the image tower (packing: about 1.5 s for ViT-B/32) on a thread of its own, so it runs
+        while the first batches decode; the first :meth:`encode_pixels` waits for it. For indexers that know
+        images are coming."""
+        if not self._visual_ready:
+            threading.Thread(target=self._ensure_visual, name="cliplens-pack", daemon=True).start()
+
+    def _ensure_visual(self) -> None:
+        if not self._visual_ready:
+            with self._visual_lock:
+                if not self._visual_ready:
+                    self._prepare_visual()
 
     def _prepare_visual(self) -> None:
         """Pack the fp32 image tower once, here rather than at load: a text-only session never pays for it."""

@@ -434,6 +434,8 @@ def _embed_pending(root: Path, rels: list[str], shas: list[str], encoder, folder
     in_process = embed_fn is None or getattr(getattr(embed_fn, "__self__", None), "in_process", False)
     source = FolderSource(root, rels, max_pixels=options.max_pixels, thumbs=made if in_process else None,
                           reduce_to=fast_decode_size(info))
+    if in_process:  # the image tower gets ready while the first batches decode
+        getattr(encoder, "prepare_images_in_background", lambda: None)()
     (embed_fn or embed_into)(source, encoder, _ZeroFailed(writer, source.failed), batch_size=batch_size,
                              checkpoint_every=1, workers=options.workers, progress=options.progress)
     writer.close()

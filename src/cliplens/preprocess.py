@@ -352,3 +352,35 @@ def preprocess_batch(
         block -= mean
         block /= std
     return out
+
+
+# Up to about 2 MP the batched matrix products above win; beyond, Pillow's own resize (the very call torchvision
+# makes) is faster and gives the same bits.
+PIL_RESIZE_ABOVE_PIXELS = 2_000_000
+_PIL_FILTERS = {"bicubic": 3, "bilinear": 2, "lanczos": 1, "nearest": 0}  # PIL.Image.Resampling values
+
+
+def preprocess_pil(im: Any, config: ClipPreprocessConfig = ClipPreprocessConfig()) -> np.ndarray:
+    """One RGB PIL image -> float32 (3, size, size), equal to open_clip's eval transform, without torch.
+
+    Large images take torchvision's own path: ``im.resize`` to the shortest side (torchvision's rounding of
+    the long side), the centre crop, then ToTensor and Normalize as the same float32 operations.
+    """
+    if im.mode != "RGB":
+        raise ValueError(f"expected an RGB image, got mode {im.mode}")
+    w, h = im.size
+    if w * h <= PIL_RESIZE_ABOVE_PIXELS:
+        return preprocess_batch(np.asarray(im)[None], config)[0]
+    s = config.size
+    rh, rw = resized_shape(h, w, s)
+    top, left = center_crop_box(rh, rw, s)
+    resized = im.resize((rw, rh), _PIL_FILTERS[config.interpolation])
+    try:
+        crop = np.asarray(resized)[top:top + s, left:left + s]
+    finally:
+        resized.close()
+    block = crop.transpose(2, 0, 1).astype(np.float32)
+    block /= np.float32(255)
+    block -= np.asarray(config.mean, dtype=np.float32).reshape(3, 1, 1)
+    block /= np.asarray(config.std, dtype=np.float32).reshape(3, 1, 1)
+    return block

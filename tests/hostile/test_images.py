@@ -145,7 +145,8 @@ from cliplens.folder_index import FolderIndexOptions, index_folder
 encoder = load_encoder(sys.argv[3], device="cpu")
 index_folder(sys.argv[4], encoder, Path(sys.argv[2]).parent / "warm", options=FolderIndexOptions(progress=False))
 reset(); before = rss_mb()
-summary = index_folder(sys.argv[1], encoder, sys.argv[2], options=FolderIndexOptions(batch_size=8, progress=False))
+summary = index_folder(sys.argv[1], encoder, sys.argv[2], options=FolderIndexOptions(batch_size=8, workers=1,
+                                                                               progress=False))
 assert summary.added == 3, summary
 print("grew_mb", hwm_mb() - before)
 """
@@ -159,10 +160,12 @@ def _grown_mb(folder: Path, out: Path, model: str, warm: Path) -> float:
 
 @pytest.mark.slow
 def test_indexing_large_images_holds_one_full_size_image_per_thread(tmp_path, tiny_model):
-    """Three 9000 x 9000 JPEGs in one batch of 8: the peak grows by about one decoded image (232 MiB), not three.
+    """Three 9000 x 9000 JPEGs in one batch of 8, one decoding thread: the peak grows by about one decoded image
+    (232 MiB), not three.
 
-    Bound: decoding threads (2) x one full-size image, whatever the batch size; a batch holds 224 x 224 pixels
-    per image. The model is loaded and a small folder indexed first, so only the large images are measured.
+    Bound: decoding threads x one full-size image, whatever the batch size (a batch is decoded as chunks, one
+    image at a time in each); a batch holds 224 x 224 pixels per image. The model is loaded and a small folder
+    indexed first, so only the large images are measured.
     """
     small = tmp_path / "small"
     small.mkdir()

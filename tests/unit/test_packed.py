@@ -100,6 +100,24 @@ def test_exact_encoder_packs_lazily_and_keeps_parity(tiny_model, rng):
     assert float((got * want).sum(axis=1).min()) >= 0.99999
 
 
+
+def test_packing_in_the_background_gives_the_same_vectors_and_runs_once(tiny_model, rng, monkeypatch):
+    """Indexers start packing while the first batches decode; the first encode waits for it, and packs nothing twice."""
+    import cliplens.packed as packed
+
+    images = rng.integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    want = load_encoder(tiny_model, device="cpu").encode_images(images)  # packed on first use, in this thread
+    calls = []
+    real = packed.pack_visual
+    monkeypatch.setattr(packed, "pack_visual", lambda *a, **k: calls.append(1) or real(*a, **k))
+    enc = load_encoder(tiny_model, device="cpu")
+    enc.prepare_images_in_background()
+    enc.prepare_images_in_background()  # a second call while the first runs: still one packing
+    got = enc.encode_images(images)
+    assert enc.model.visual.cliplens_packed and len(calls) == 1
+    assert np.array_equal(got, want)
+
+
 @pytest.mark.slow
 def test_b32_packed_fp32_and_bf16_agree_with_the_unpacked_tower(b32_weights, rng):
     model, _, _ = open_clip.create_model_and_transforms("ViT-B-32-quickgelu", pretrained="openai")

@@ -16,8 +16,10 @@ from PIL import Image
 from cliplens.preprocess import (
     INTERPOLATIONS,
     ClipPreprocessConfig,
+    PIL_RESIZE_ABOVE_PIXELS,
     center_crop_box,
     preprocess_batch,
+    preprocess_pil,
     resize_uint8,
     resized_shape,
 )
@@ -248,3 +250,28 @@ def test_config_from_open_clip_refuses_what_it_cannot_reproduce(cfg):
 def test_invalid_inputs_raise_value_error(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("size", [(2100, 1500), (1201, 2000), (640, 480)], ids=["wide-3mp", "tall-2.4mp", "small"])
+@pytest.mark.parametrize("interpolation", ["bicubic", "bilinear"])
+def test_preprocess_pil_is_open_clips_transform_bit_for_bit(size, interpolation):
+    """The torch-free path the encoder runs on every RGB photo: Pillow's resize above PIL_RESIZE_ABOVE_PIXELS,
+    the batched matrix products below it; both must give open_clip's exact float32 values."""
+    w, h = size
+    rng = np.random.default_rng(w)
+    yy, xx = np.mgrid[0:h, 0:w]
+    smooth = (np.stack([np.sin(xx / (9 + c)) + np.cos(yy / (13 + c)) for c in range(3)], -1) + 2) * 60
+    pixels = np.clip(smooth + rng.normal(0, 25, (h, w, 3)), 0, 255).astype(np.uint8)
+    im = Image.fromarray(pixels)
+    assert (w * h > PIL_RESIZE_ABOVE_PIXELS) == (size != (640, 480))
+    mean, std = (0.5, 0.4, 0.3), (0.2, 0.3, 0.25)
+    config = ClipPreprocessConfig(size=224, mean=mean, std=std, interpolation=interpolation)
+    transform = open_clip.image_transform(224, is_train=False, mean=mean, std=std, interpolation=interpolation)
+    got = preprocess_pil(im, config)
+    assert got.dtype == np.float32 and got.shape == (3, 224, 224)
+    assert np.array_equal(got, transform(im).numpy())
+
+
+def test_preprocess_pil_refuses_what_is_not_rgb():
+    with pytest.raises(ValueError, match="RGB"):
+        preprocess_pil(Image.new("L", (3000, 2000)))
