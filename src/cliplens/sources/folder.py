@@ -354,9 +354,9 @@ class FolderSource:
                 mtime_ns = os.fstat(f.fileno()).st_mtime_ns
                 rgb, exif, size = decode_image_exif(f, max_pixels=self.max_pixels, reduce_to=self.reduce_to)
             if self.thumbs is not None and self._thumb_bytes < FRESH_THUMB_BYTES:
-                from cliplens.sources.photos import meta_from_exif, thumbnails_of_decoded
+                from cliplens.sources.photos import meta_from_exif, thumbnails
 
-                small, big = thumbnails_of_decoded(rgb)
+                small, big = thumbnails(rgb)  # from the image decoded here: no second decode
                 self.thumbs[i] = (meta_from_exif(exif, size, mtime_ns), small, big)
                 self._thumb_bytes += len(small) + len(big)
             return rgb

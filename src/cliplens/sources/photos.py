@@ -154,11 +154,6 @@ def thumbnails(im) -> tuple[bytes, bytes]:
     return small_bytes, big
 
 
-def thumbnails_of_decoded(rgb) -> tuple[bytes, bytes]:
-    """Thumbnails of an RGB image that is decoded anyway (for embedding): no second decode."""
-    return thumbnails(rgb)
-
-
 def header_meta(path: Path, *, root: Path, mtime_ns: int) -> dict:
     """The metadata columns from the header of ``path`` (no decoding); the file's mtime when it has no EXIF."""
     from cliplens.sources._fs import open_regular
