@@ -173,16 +173,36 @@ def _build(name: str, visual, *, image_size: int, model_name: str, weights_sha25
 
 
 class CastVisual(torch.nn.Module):
-    """The image tower with bfloat16 weights, prepacked for oneDNN where it can be; float32 in, float32 out."""
+    """The image tower with bfloat16 weights, prepacked for oneDNN where it can be; float32 in, float32 out.
+
+    Memory: each float tensor is cast on its own (the fp32 tower is never copied whole), and the file pages the
+    fp32 weights occupied once read are given back (:func:`cliplens.packed.release_file_pages`), so the process
+    holds the tower once, in bf16. Packing (about a second) waits for :meth:`prepare`, which the encoder runs on a
+    background thread while the first images decode (``Encoder.prepare_images_in_background``), or the first call.
+    """
 
     def __init__(self, visual):
         super().__init__()
-        self.inner = copy.deepcopy(visual).to(torch.bfloat16)
-        from cliplens.packed import pack_visual
+        from cliplens.packed import release_file_pages
 
-        pack_visual(self.inner, min_cosine=0.999)  # bf16 packed vs bf16 unpacked: both ~0.99995 to fp32
+        memo = {}
+        for t in [*visual.parameters(), *visual.buffers()]:
+            if t.is_floating_point():
+                cast = t.detach().to(torch.bfloat16)
+                memo[id(t)] = torch.nn.Parameter(cast, requires_grad=False) if isinstance(t, torch.nn.Parameter) else cast
+                release_file_pages([t])  # read once for the cast: its pages go now, not after the whole tower
+        self.inner = copy.deepcopy(visual, memo)  # the module tree copied; its float tensors are the bf16 casts
+        self._packed = False
+
+    def prepare(self) -> None:
+        if not self._packed:
+            from cliplens.packed import pack_visual
+
+            pack_visual(self.inner, min_cosine=0.999)  # bf16 packed vs bf16 unpacked: both ~0.99995 to fp32
+            self._packed = True
 
     def forward(self, x):
+        self.prepare()
         return self.inner(x.to(torch.bfloat16)).float()
 
 

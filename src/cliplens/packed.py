@@ -168,11 +168,31 @@ def pack_visual(visual: nn.Module, *, min_cosine: float = 0.99999, probe_images:
         reason = f"cosine {cosine:.7f} < {min_cosine}"
     if cosine >= min_cosine:
         visual.cliplens_packed = True
+        del saved
+        trim_heap()
         return True
     for block, attn, mlp in saved:
         block.attn, block.mlp = attn, mlp
     log.warning("image tower stays unpacked (%s)", reason)
     return False
+
+
+def trim_heap() -> int:
+    """Hand the heap's free memory back to the system (glibc's ``malloc_trim``); 1 if some was, else 0.
+
+    Packing frees the weights' temporary copies (the QuickGELU scaling, the unpacked blocks) in pieces the
+    allocator keeps for reuse: measured for ViT-B/32, 131 MB of the process's memory after packing in fp32 and
+    225 MB in bf16, which indexing never reuses. Elsewhere (macOS, musl) it does nothing.
+    """
+    import ctypes
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return 0
+    try:
+        return int(ctypes.CDLL(None).malloc_trim(0))
+    except (OSError, AttributeError):  # not glibc
+        return 0
 
 
 def _file_maps() -> list[tuple[int, int]]:

@@ -157,7 +157,9 @@ def test_default_fast_backend_on_the_real_b32_architecture(b32_weights, b32_enco
     if fast.onnxruntime_available():  # ONNX exports are cached by weights sha256, and reused
         from cliplens._files import cliplens_home
 
-        assert first.text_runner is not None
+        assert first.text_runner is None  # images only (an indexing run): no text runtime loaded
+        first.encode_texts(QUERIES[:1])
+        assert first.text_runner is not None  # the first text encoded sets it up
         cached = (cliplens_home() / "cache" / "onnx").glob("ViT-B-32-*.onnx")
         assert "textsuffix" in {p.name.split("-")[-2] for p in cached}  # the text tower (fp32)
         again = load_encoder("ViT-B-32-quickgelu", "openai", device="cpu", precision="fast")

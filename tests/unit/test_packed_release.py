@@ -42,3 +42,35 @@ def test_memory_not_mapped_from_a_file_is_never_touched():
     t = torch.arange(1 << 22, dtype=torch.float32)  # anonymous memory: madvise there would zero it
     assert release_file_pages([t]) == 0
     assert torch.equal(t, torch.arange(1 << 22, dtype=torch.float32))
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_fast_bf16_tower_casts_tensor_by_tensor_and_gives_the_fp32_pages_back(tmp_path, monkeypatch):
+    """``--precision fast`` (bf16): the fp32 tower is never copied whole, and its checkpoint pages go once cast."""
+    from torch import nn
+
+    from cliplens.fast import CastVisual
+
+    visual = nn.Sequential(nn.Linear(1024, 1024), nn.GELU(), nn.Linear(1024, 1024))
+    sizes = [t.numel() for t in visual.parameters()]
+    data = np.random.default_rng(1).standard_normal(sum(sizes)).astype(np.float32)  # 8 MiB, like a checkpoint
+    path = tmp_path / "weights.bin"
+    data.tofile(path)
+    mapped = torch.from_file(str(path), shared=False, size=data.size, dtype=torch.float32)
+    with torch.no_grad():  # the parameters become views of the file, as safetensors' memory map makes them
+        for p, piece in zip(visual.parameters(), torch.split(mapped, sizes)):
+            p.data = piece.view(p.shape)
+    copied = []
+    original_deepcopy = torch.Tensor.__deepcopy__
+    monkeypatch.setattr(torch.Tensor, "__deepcopy__",
+                        lambda self, memo: copied.append(self.dtype) or original_deepcopy(self, memo))
+    fast = CastVisual(visual)
+    assert torch.float32 not in copied  # nothing fp32 was duplicated
+    assert _resident(path) < 1 << 20  # the fp32 pages read for the cast are given back
+    for a, b in zip(fast.inner.parameters(), visual.parameters()):
+        assert a.dtype == torch.bfloat16 and torch.equal(a, b.to(torch.bfloat16))
+    assert torch.equal(torch.cat([p.reshape(-1) for p in visual.parameters()]), torch.from_numpy(data))  # unchanged
+    x = torch.randn(4, 1024)
+    with torch.inference_mode():
+        np.testing.assert_allclose(fast(x).numpy(), visual.to(torch.bfloat16)(x.to(torch.bfloat16)).float().numpy(),
+                                   atol=1e-2)
