@@ -183,14 +183,14 @@ class CastVisual(torch.nn.Module):
 
     def __init__(self, visual):
         super().__init__()
-        from cliplens.packed import release_file_pages
+        from cliplens.packed import file_maps, release_file_pages
 
-        memo = {}
+        maps, memo = file_maps(), {}
         for t in [*visual.parameters(), *visual.buffers()]:
             if t.is_floating_point():
                 cast = t.detach().to(torch.bfloat16)
                 memo[id(t)] = torch.nn.Parameter(cast, requires_grad=False) if isinstance(t, torch.nn.Parameter) else cast
-                release_file_pages([t])  # read once for the cast: its pages go now, not after the whole tower
+                release_file_pages([t], maps=maps)  # read once for the cast: its pages go now, not after the whole tower
         self.inner = copy.deepcopy(visual, memo)  # the module tree copied; its float tensors are the bf16 casts
         self._packed = False
 
