@@ -18,6 +18,9 @@ os.environ["HF_HOME"] = str(_SESSION / "hf")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["CLIPLENS_HOME"] = str(_SESSION / "home")
 os.environ.pop("CLIPLENS_INDEX_DIR", None)
+# Indexing runs keep the torch image tower, so a cache one test's run leaves cannot change what another test
+# measures; tests/unit/test_imageonly.py and tests/integration/test_imageonly_cli.py turn the torch-free one on.
+os.environ["CLIPLENS_IMAGE_ONLY"] = "0"
 
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402

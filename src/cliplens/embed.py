@@ -71,7 +71,8 @@ def choose_batch_size(encoder, *, limit: int = AUTO_BATCH_LIMIT) -> int:
     """
     if str(getattr(encoder, "device", "cpu")).startswith("cuda"):
         return _probe_gpu_memory(encoder, limit)
-    grid = getattr(getattr(getattr(encoder, "model", None), "visual", None), "grid_size", None)
+    grid = (getattr(encoder, "image_grid", None)  # the image-only encoder (cliplens.imageonly) records it
+            or getattr(getattr(getattr(encoder, "model", None), "visual", None), "grid_size", None))
     if not grid:
         return min(64, limit)  # not a ViT (ResNet towers): the long-standing default
     tokens = int(np.prod(grid)) + 1

@@ -71,13 +71,24 @@ def model_choice(args, manifest=None) -> tuple[str, str, Path | None]:
     return name, pretrained, weights
 
 
-def load_model(args, manifest=None):
-    """Build the encoder from flags, falling back to the model an index was built with."""
+def load_model(args, manifest=None, *, images_only: bool = False):
+    """Build the encoder from flags, falling back to the model an index was built with.
+
+    ``images_only`` (indexing): the torch-free image tower where it is cached for this model and exact precision
+    (:mod:`cliplens.imageonly`): it encodes images only.
+    """
     from cliplens.encoder import load_encoder
 
     name, pretrained, weights = model_choice(args, manifest)
-    return load_encoder(name, pretrained, weights=weights, device=args.device,
-                        precision=getattr(args, "precision", "exact"))
+    precision = getattr(args, "precision", "exact")
+    if images_only:
+        from cliplens import imageonly
+
+        cached = imageonly.find(name=name, pretrained=pretrained, weights=weights, device=args.device,
+                                precision=precision)
+        if cached is not None:
+            return cached
+    return load_encoder(name, pretrained, weights=weights, device=args.device, precision=precision)
 
 
 def lazy_model(args, index_dir):
@@ -92,7 +103,7 @@ def lazy_model(args, index_dir):
     pretrained = None if args.weights else (args.pretrained or DEFAULT_PRETRAINED)
     known = current is not None and same_request(current.model, name=name, pretrained=pretrained,
                                                  weights=args.weights, precision=getattr(args, "precision", "exact"))
-    return LazyEncoder(lambda: load_model(args), info=current.model if known else None)
+    return LazyEncoder(lambda: load_model(args, images_only=True), info=current.model if known else None)
 
 
 def _whole(text: str, minimum: int, words: str) -> int:

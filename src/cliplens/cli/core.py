@@ -77,6 +77,20 @@ def index_cifar(args, source: str, *, engine=None):
     return index_dir, encoder, result
 
 
+def _cache_image_tower(encoder) -> None:
+    """After an exact CPU run that loaded torch: export the image tower for later runs to use without torch
+    (cliplens.imageonly; seconds, once per weights). Never fails the index run."""
+    if encoder is None or not getattr(encoder, "loaded", True):
+        return
+    real = getattr(encoder, "encoder", encoder)
+    if getattr(real, "image_only", False) or not hasattr(real, "model"):
+        return
+    from cliplens import imageonly
+
+    if imageonly.cache_folder(real.info) is not None and imageonly.enabled():
+        imageonly.build_cache(real)
+
+
 def _measure_duplicates(index_dir: Path, encoder) -> None:
     """Once per weights, while the model is loaded anyway: measure the near-duplicate threshold on this photo
     index (cliplens.duplicates) so search and serve can collapse copies. Never fails the index run."""
@@ -140,7 +154,7 @@ def cmd_index(args) -> int:
     check_index_kind(index_dir, kind=None if cifar else ("list" if kind == "list" else "folder"), force=args.force)
     encoder = None
     if cifar:
-        index_dir, _, result = index_cifar(args, kind, engine=engine)
+        index_dir, encoder, result = index_cifar(args, kind, engine=engine)
     else:
         if kind != "list" and engine is None:
             summary = folder_unchanged(Path(args.source), index_dir, args)  # nothing changed: no model, no items
@@ -168,6 +182,7 @@ def cmd_index(args) -> int:
         resumed = f", resumed at {result.resumed_from}" if result.resumed_from else ""
         ips = result.embedded / result.seconds if result.seconds > 0 else 0.0
         print(f"indexed {result.embedded} images in {result.seconds:.1f} s ({ips:.1f} img/s{resumed}) -> {index_dir}")
+    _cache_image_tower(encoder)
     build_after_index(args, index_dir)
     return 0
 

@@ -1,0 +1,92 @@
+"""``cliplens index`` in exact mode runs without torch once the image tower is cached (cliplens.imageonly): the first
+exact CPU run builds the cache, later runs of the same model index folders and CIFAR splits with vectors equal to
+the torch path's to fp32 rounding, and extend a torch-built index."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+import folder_fixture  # noqa: E402
+
+from cliplens import imageonly  # noqa: E402
+from cliplens.cli import main  # noqa: E402
+from cliplens.store import IndexStore  # noqa: E402
+
+CODE = ("import json, sys; from cliplens.cli import main; rc = main(sys.argv[1:]); "
+        "print(json.dumps({'rc': rc, 'torch': 'torch' in sys.modules, 'open_clip': 'open_clip' in sys.modules}))")
+
+
+def _index_subprocess(*argv, home) -> dict:
+    env = {**os.environ, "CLIPLENS_HOME": str(home), "CLIPLENS_IMAGE_ONLY": "1"}
+    run = subprocess.run([sys.executable, "-c", CODE, "index", *map(str, argv), "-q"], capture_output=True, text=True,
+                         env=env, check=True)
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture()
+def home(tmp_path, monkeypatch):
+    monkeypatch.setenv("CLIPLENS_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("CLIPLENS_IMAGE_ONLY", "1")
+    return tmp_path / "home"
+
+
+def _vectors(index):
+    store = IndexStore.open(index)
+    refs = list(store.items["ref"])
+    return dict(zip(refs, np.asarray(store.embeddings, np.float32)))
+
+
+def test_folder_indexing_is_torch_free_after_the_first_run(home, tiny_model, tiny_encoder, tmp_path, capsys):
+    photos = folder_fixture.make_folder(tmp_path / "photos")
+    first = tmp_path / "first"
+    assert main(["index", str(photos), "--index-dir", str(first), "--model", tiny_model, "-q"]) == 0
+    folder = imageonly.cache_folder(tiny_encoder.info, root=home / "cache" / "imageonly")
+    assert (folder / "meta.json").is_file()  # built by the torch run
+    second = tmp_path / "second"
+    ran = _index_subprocess(photos, "--index-dir", second, "--model", tiny_model, home=home)
+    assert ran == {"rc": 0, "torch": False, "open_clip": False}
+    want, got = _vectors(first), _vectors(second)
+    assert sorted(got) == sorted(want) and len(got) == len(folder_fixture.GOOD)
+    for ref in want:
+        assert np.abs(got[ref] - want[ref]).max() <= 1e-5
+    assert IndexStore.open(second).manifest.model == IndexStore.open(first).manifest.model  # the same record
+    # Photos added to the torch-built index are embedded torch-free, beside the vectors already there.
+    shutil.copy(photos / "a.png", photos / "a-copy.png")
+    ran = _index_subprocess(photos, "--index-dir", first, "--model", tiny_model, home=home)
+    assert ran == {"rc": 0, "torch": False, "open_clip": False}
+    grown = _vectors(first)
+    assert np.abs(grown["a-copy.png"] - want["a.png"]).max() <= 1e-5
+    capsys.readouterr()
+
+
+def test_cifar_indexing_is_torch_free_and_equal(home, tiny_model, cifar_root, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    base = ["index", "cifar100", "--data-dir", str(cifar_root), "--no-verify", "--model", tiny_model,
+            "--batch-size", "16"]
+    assert main([*base, "--index-dir", str(first), "-q"]) == 0
+    ran = _index_subprocess(*base[1:], "--index-dir", second, home=home)
+    assert ran == {"rc": 0, "torch": False, "open_clip": False}
+    a, b = IndexStore.open(first), IndexStore.open(second)
+    assert len(a) == len(b) and np.abs(np.asarray(a.embeddings) - np.asarray(b.embeddings)).max() <= 1e-5
+
+
+def test_turned_off_or_fast_precision_loads_torch(home, tiny_model, tmp_path):
+    photos = folder_fixture.make_folder(tmp_path / "photos")
+    assert main(["index", str(photos), "--index-dir", str(tmp_path / "a"), "--model", tiny_model, "-q"]) == 0
+    env = {**os.environ, "CLIPLENS_HOME": str(home), "CLIPLENS_IMAGE_ONLY": "0"}
+    run = subprocess.run([sys.executable, "-c", CODE, "index", str(photos), "--index-dir", str(tmp_path / "b"),
+                          "--model", tiny_model, "-q"], capture_output=True, text=True, env=env, check=True)
+    assert json.loads(run.stdout.strip().splitlines()[-1])["torch"]
+    ran = _index_subprocess(photos, "--index-dir", tmp_path / "c", "--model", tiny_model, "--precision", "fast",
+                            home=home)
+    assert ran["rc"] == 0 and ran["torch"]  # fast mode's towers are torch's (or its own ONNX ones)
