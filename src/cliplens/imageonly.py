@@ -2,19 +2,19 @@
 
 An exact indexing run on the CPU spent 3-4 s before its first image (``import torch``, open_clip and the
 torchvision it imports, the weights, packing the tower) and held about 1.1 GB before any work (this machine's CUDA
-build of torch alone is 509 MB resident). Once the image tower is exported per weights, a later exact ``cliplens
-index`` of the same model imports numpy, PIL and ONNX Runtime only: the session opens in ~0.65 s and the process
-stays near 0.65 GB plus its decoding (measured for ViT-B/32: docs/startup.md). The arithmetic is the same to fp32
-rounding (checked when the cache is built, against the torch tower that built the index: every probe embedding
-within cosine 0.99999 and 1e-5; measured 0.9999998 and 1.8e-7), so an index may be extended by either path. ONNX
-Runtime's fp32 products are about 11 % slower per image here than the packed torch tower (1.65 against 1.48 s per
-batch of 64): the start-up it saves is worth about a thousand images.
+build of torch alone is 509 MB resident). Once the image tower is cached per weights, a later exact ``cliplens
+index`` of the same model imports numpy, PIL and ONNX Runtime only: the session opens in ~0.3 s and a batch of 64
+holds ~0.5 GB (200 photos, whole process: 0.85 GB against 1.65 GB; docs/startup.md). The arithmetic is the same to
+fp32 rounding (checked when the cache is built, against the torch tower that built the index: every probe
+embedding within cosine 0.99999 and 1e-5; measured for ViT-B/32 0.99999994 and 2.1e-7), so an index may be
+extended by either path. ONNX Runtime's fp32 products are a little slower per image here than the packed torch
+tower (1.55-1.65 against 1.47-1.50 s per batch of 64): the start-up it saves is worth about a thousand images.
 
     $CLIPLENS_HOME/cache/imageonly/<model>-<sha256[:16]>-v<FORMAT>/
         image.onnx           the graph (small), written from the weights (cliplens.vit_onnx), not traced
         image.onnx.weights   its fp32 weights, external data
-        meta.json    written last (its presence means the folder is complete): the model's record (ModelInfo),
-                     the preprocessing, the patch grid, the parity measured
+        meta.json            written last (its presence means the folder is complete): the model's record
+                             (ModelInfo), the preprocessing, the patch grid, the parity measured
 
 The folder is built in a temporary folder beside it and renamed into place, after an exact CPU indexing run that
 loaded torch anyway (``cliplens.cli.core``). ``CLIPLENS_IMAGE_ONLY=0`` turns both the building and the use off.
