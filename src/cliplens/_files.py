@@ -44,6 +44,35 @@ def _umask() -> int:
     return mask
 
 
+@contextmanager
+def cache_entry(folder: Path) -> Iterator[Path]:
+    """A temporary folder beside the cache folder ``folder`` to build it in; :func:`publish_cache_entry` makes it
+    ``folder``. Whatever is left of it (a failed build) is removed on the way out, so an entry is whole or absent."""
+    import shutil
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def publish_cache_entry(tmp: Path, folder: Path, meta: dict) -> None:
+    """Finish a :func:`cache_entry`: ``meta.json`` written last (its presence means the entry is complete), the
+    modes mkdir and open() would give (mkdtemp and onnx make owner-only files), then renamed into place; when
+    another process finished the same entry first, theirs is kept."""
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")
+    mask = _umask()
+    os.chmod(tmp, 0o777 & ~mask)
+    for path in tmp.iterdir():
+        os.chmod(path, 0o666 & ~mask)
+    try:
+        os.replace(tmp, folder)
+    except OSError:  # a complete entry is there already: keep it
+        pass
+
+
 def write_bytes_atomic(target: str | Path, data: bytes) -> None:
     with atomic_path(target) as tmp:
         with open(tmp, "wb") as f:

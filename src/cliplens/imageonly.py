@@ -25,15 +25,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
-from cliplens._files import cliplens_home
+from cliplens._files import cache_entry, cliplens_home, publish_cache_entry
 from cliplens.manifest import ModelInfo
 from cliplens.preprocess import ClipPreprocessConfig, preprocess_batch, preprocess_pil
 
@@ -193,7 +191,6 @@ def build_cache(encoder, *, root: str | Path | None = None, probe_images: int = 
     if cfg is None:
         return None
     try:
-        from cliplens.textonly import _usual_modes
         from cliplens.vit_onnx import supported, unpacked_visual, write_graph
 
         visual = unpacked_visual(encoder)
@@ -201,9 +198,7 @@ def build_cache(encoder, *, root: str | Path | None = None, probe_images: int = 
             log.info("image-only tower: %s is not a ViT in CLIP's form; indexing keeps torch", info.name)
             return None
         grid = getattr(visual, "grid_size", None)
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with cache_entry(folder) as tmp:
             s = cfg.size
             write_graph(visual, tmp / "image.onnx")
             meta = {"format": FORMAT, "model": info.to_json(),
@@ -221,14 +216,7 @@ def build_cache(encoder, *, root: str | Path | None = None, probe_images: int = 
                             cosine, largest)
                 return None
             meta["parity"] = {"min_cosine": cosine, "max_abs": largest, "images": probe_images}
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # last: the folder is complete
-            _usual_modes(tmp)
-            try:
-                os.replace(tmp, folder)
-            except OSError:  # another process finished first: keep theirs
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            publish_cache_entry(tmp, folder, meta)
     except Exception as exc:
         log.warning("could not prepare the image-only tower (%s: %s); indexing keeps loading torch",
                     type(exc).__name__, str(exc).splitlines()[0][:160] if str(exc) else "")

@@ -24,14 +24,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from cliplens._files import cliplens_home
+from cliplens._files import cache_entry, cliplens_home, publish_cache_entry
 from cliplens.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -178,9 +176,7 @@ def build_cache(encoder, *, root: str | Path | None = None, prefixes: Sequence[s
 
         if not (available() and fast.text_supported(encoder.model) and _same_tokenizer(encoder.tokenizer)):
             return None
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-        try:
+        with cache_entry(folder) as tmp:
             meta = fast.export_text_tower(encoder, tmp, prefixes, tokenizer=ClipTokenizer(
                 context_length=encoder.tokenizer.context_length), fmt=FORMAT)
             error = _parity(encoder, tmp, meta)
@@ -188,29 +184,13 @@ def build_cache(encoder, *, root: str | Path | None = None, prefixes: Sequence[s
                 log.warning("text-only tower differs by %.1e (relative) from torch; not cached", error)
                 return None
             meta["parity_relative_max_error"] = error
-            (tmp / "meta.json").write_text(json.dumps(meta, indent=2) + "\n")  # last: the folder is complete
-            _usual_modes(tmp)
-            try:
-                os.replace(tmp, folder)
-            except OSError:  # another process finished first: keep theirs
-                pass
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            publish_cache_entry(tmp, folder, meta)
     except Exception as exc:
         log.warning("could not prepare the text-only tower (%s: %s); text queries keep loading torch",
                     type(exc).__name__, str(exc).splitlines()[0][:160] if str(exc) else "")
         return None
     log.info("text-only tower cached in %s", folder)
     return folder if (folder / "meta.json").is_file() else None
-
-
-def _usual_modes(folder: Path) -> None:
-    """mkdtemp and onnx make owner-only files; give the cache the modes mkdir and open() would."""
-    mask = os.umask(0)
-    os.umask(mask)
-    os.chmod(folder, 0o777 & ~mask)
-    for path in folder.iterdir():
-        os.chmod(path, 0o666 & ~mask)
 
 
 def _same_tokenizer(tokenizer) -> bool:
