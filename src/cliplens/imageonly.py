@@ -82,16 +82,12 @@ class ImageOnlyEncoder:
     device = "cpu"
     SLICE_IMAGES = 8  # images per run: 8, 16 and 32 measured equally fast, and 8 holds the least (0.53 vs 0.81 GB)
 
+    _pool_init = None  # run by each slice's thread first (the torch variant sets one thread there)
+
     def __init__(self, folder: Path, meta: dict | None = None, *, threads: int | None = None):
         import onnxruntime as ort
 
-        meta = meta if meta is not None else json.loads((Path(folder) / "meta.json").read_text())
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"cache format {meta.get('format')!r}, expected {FORMAT}")
-        self.folder, self.meta = Path(folder), meta
-        self.info = ModelInfo(**meta["model"])
-        self.fast_config = ClipPreprocessConfig(**meta["preprocess"])
-        self.image_grid = tuple(int(g) for g in meta["grid"]) if meta.get("grid") else None
+        self._setup(folder, meta)
         options = ort.SessionOptions()
         options.intra_op_num_threads = 1
         options.inter_op_num_threads = 1
@@ -100,6 +96,15 @@ class ImageOnlyEncoder:
                                             providers=["CPUExecutionProvider"])
         self.input_name = self.session.get_inputs()[0].name
         self.image_workers = threads or max(1, len(os.sched_getaffinity(0)))
+
+    def _setup(self, folder: Path, meta: dict | None) -> None:
+        meta = meta if meta is not None else json.loads((Path(folder) / "meta.json").read_text())
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"cache format {meta.get('format')!r}, expected {FORMAT}")
+        self.folder, self.meta = Path(folder), meta
+        self.info = ModelInfo(**meta["model"])
+        self.fast_config = ClipPreprocessConfig(**meta["preprocess"])
+        self.image_grid = tuple(int(g) for g in meta["grid"]) if meta.get("grid") else None
         self._pool = None
 
     def preprocess(self, images) -> np.ndarray:
@@ -132,7 +137,8 @@ class ImageOnlyEncoder:
             feats = self._run(pixels)
         else:
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(self.image_workers, thread_name_prefix="cliplens-ort-image")
+                self._pool = ThreadPoolExecutor(self.image_workers, thread_name_prefix="cliplens-image",
+                                                initializer=self._pool_init)
             feats = np.concatenate(list(self._pool.map(self._run, np.array_split(pixels, count))))
         feats = feats.astype(np.float32, copy=False)
         return feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), np.float32(1e-12))
@@ -149,11 +155,13 @@ class ImageOnlyEncoder:
 def find(*, name: str, pretrained: str | None, weights: str | Path | None, device: str = "auto",
          precision: str = "exact", root: str | Path | None = None) -> ImageOnlyEncoder | None:
     """The cached image-only encoder that loading (name, pretrained, weights) would equal, or None: none cached,
-    fast precision (its towers are others), another device asked for (or ``auto`` with a GPU present), or the
-    cache turned off."""
+    another device asked for (or ``auto`` with a GPU present), or the cache turned off. ``precision="fast"``: the
+    bf16 tower built from the checkpoint without open_clip (:func:`_fast_encoder`), or None."""
     from cliplens.indexing.lazy import same_request
 
-    if precision != "exact" or device not in ("auto", "cpu") or (device == "auto" and accelerator_present()):
+    if precision not in ("exact", "fast") or device not in ("auto", "cpu"):
+        return None
+    if device == "auto" and accelerator_present():
         return None
     if not enabled():
         return None
@@ -168,12 +176,33 @@ def find(*, name: str, pretrained: str | None, weights: str | Path | None, devic
             continue  # incomplete or foreign: not a cache entry
         if not same_request(info, name=name, pretrained=pretrained, weights=weights, precision="exact"):
             continue
+        if precision == "fast":
+            return _fast_encoder(folder, meta)
         try:
             return ImageOnlyEncoder(folder, meta)
         except Exception as exc:  # a damaged cache is no reason to fail: the caller loads the torch model instead
             log.warning("ignoring the image-only cache %s (%s: %s)", folder, type(exc).__name__, str(exc)[:160])
             return None
     return None
+
+
+def _fast_encoder(folder: Path, meta: dict):
+    """Fast mode's bf16 tower built from the checkpoint without open_clip (:mod:`cliplens.vit_torch`), where this
+    CPU multiplies bf16 (what ``auto`` picks then), the entry records the tower and the checkpoint is safetensors;
+    else None (the usual fast load)."""
+    from cliplens.fast import has_bf16
+
+    checkpoint = meta["model"].get("weights_path") or ""
+    if not (has_bf16() and meta.get("vit") and checkpoint.endswith(".safetensors")):
+        return None
+    try:
+        from cliplens.vit_torch import FastTowerEncoder
+
+        return FastTowerEncoder(folder, meta, checkpoint=checkpoint)
+    except Exception as exc:  # a checkpoint of another layout: the usual load decides what to say
+        log.warning("fast tower not built from %s (%s: %s); loading the model", checkpoint, type(exc).__name__,
+                    str(exc)[:160])
+        return None
 
 
 def build_cache(encoder, *, root: str | Path | None = None, probe_images: int = 4) -> Path | None:
@@ -191,20 +220,20 @@ def build_cache(encoder, *, root: str | Path | None = None, probe_images: int = 
     if cfg is None:
         return None
     try:
-        from cliplens.vit_onnx import supported, unpacked_visual, write_graph
+        from cliplens import vit_onnx
 
-        visual = unpacked_visual(encoder)
-        if not supported(visual):
+        visual = vit_onnx.unpacked_visual(encoder)
+        if not vit_onnx.supported(visual):
             log.info("image-only tower: %s is not a ViT in CLIP's form; indexing keeps torch", info.name)
             return None
         grid = getattr(visual, "grid_size", None)
         with cache_entry(folder) as tmp:
             s = cfg.size
-            write_graph(visual, tmp / "image.onnx")
+            vit_onnx.write_graph(visual, tmp / "image.onnx")
             meta = {"format": FORMAT, "model": info.to_json(),
                     "preprocess": {"size": s, "mean": list(cfg.mean), "std": list(cfg.std),
                                    "interpolation": cfg.interpolation},
-                    "grid": [int(g) for g in grid] if grid else None}
+                    "grid": [int(g) for g in grid] if grid else None, "vit": vit_onnx.tower_record(visual)}
             rng = np.random.default_rng(0)
             images = rng.integers(0, 256, (probe_images, 2 * s // 3, s + 17, 3), dtype=np.uint8)
             pixels = encoder.preprocess(images)

@@ -59,6 +59,15 @@ def _activation(act) -> str | None:
     return None
 
 
+def tower_record(visual) -> dict:
+    """What builds the tower again from its checkpoint (cliplens.vit_torch): layers, heads, activation, patch,
+    layer-norm epsilon, width."""
+    block = visual.transformer.resblocks[0]
+    return {"layers": len(visual.transformer.resblocks), "heads": int(block.attn.num_heads),
+            "activation": _activation(block.mlp.gelu), "patch": int(visual.conv1.kernel_size[0]),
+            "eps": float(block.ln_1.eps), "width": int(visual.conv1.out_channels)}
+
+
 def write_graph(visual, path: Path) -> None:
     """Write ``visual`` (:func:`supported`) as an ONNX graph ``path`` with its weights beside it
     (``path`` + ``.weights``, external data that ONNX Runtime reads at load): the weights go to the file tensor by

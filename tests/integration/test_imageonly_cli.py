@@ -80,13 +80,30 @@ def test_cifar_indexing_is_torch_free_and_equal(home, tiny_model, cifar_root, tm
     assert len(a) == len(b) and np.abs(np.asarray(a.embeddings) - np.asarray(b.embeddings)).max() <= 1e-5
 
 
-def test_turned_off_or_fast_precision_loads_torch(home, tiny_model, tmp_path):
+def test_turned_off_it_loads_torch_and_open_clip(home, tiny_model, tmp_path):
     photos = folder_fixture.make_folder(tmp_path / "photos")
     assert main(["index", str(photos), "--index-dir", str(tmp_path / "a"), "--model", tiny_model, "-q"]) == 0
     env = {**os.environ, "CLIPLENS_HOME": str(home), "CLIPLENS_IMAGE_ONLY": "0"}
     run = subprocess.run([sys.executable, "-c", CODE, "index", str(photos), "--index-dir", str(tmp_path / "b"),
                           "--model", tiny_model, "-q"], capture_output=True, text=True, env=env, check=True)
-    assert json.loads(run.stdout.strip().splitlines()[-1])["torch"]
-    ran = _index_subprocess(photos, "--index-dir", tmp_path / "c", "--model", tiny_model, "--precision", "fast",
-                            home=home)
-    assert ran["rc"] == 0 and ran["torch"]  # fast mode's towers are torch's (or its own ONNX ones)
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"rc": 0, "torch": True, "open_clip": True}
+
+
+@pytest.mark.skipif(not __import__("cliplens.fast").fast.has_bf16(), reason="fast mode picks bf16 only on a CPU "
+                    "with AVX512_BF16 or AMX")
+def test_fast_mode_builds_its_bf16_tower_without_open_clip(home, tiny_model, tmp_path):
+    photos = folder_fixture.make_folder(tmp_path / "photos")
+    assert main(["index", str(photos), "--index-dir", str(tmp_path / "exact"), "--model", tiny_model, "-q"]) == 0
+    fast = ["--model", tiny_model, "--precision", "fast"]
+    env = {**os.environ, "CLIPLENS_HOME": str(home), "CLIPLENS_IMAGE_ONLY": "0"}  # the usual fast load
+    run = subprocess.run([sys.executable, "-c", CODE, "index", str(photos), "--index-dir", str(tmp_path / "usual"),
+                          *fast, "-q"], capture_output=True, text=True, env=env, check=True)
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"rc": 0, "torch": True, "open_clip": True}
+    ran = _index_subprocess(photos, "--index-dir", tmp_path / "lean", *fast, home=home)
+    assert ran == {"rc": 0, "torch": True, "open_clip": False}
+    usual, lean = IndexStore.open(tmp_path / "usual"), IndexStore.open(tmp_path / "lean")
+    assert lean.manifest.model == usual.manifest.model and lean.manifest.model.precision == "fast:bf16"
+    want, got = _vectors(tmp_path / "usual"), _vectors(tmp_path / "lean")
+    assert sorted(got) == sorted(want)
+    for ref in want:
+        assert np.abs(got[ref] - want[ref]).max() <= 1e-6  # the same bf16 arithmetic (normalised in numpy)

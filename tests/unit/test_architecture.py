@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "cliplens"
-ENCODER_PACKAGE = {"encoder.py", "fast.py", "packed.py", "vit_onnx.py",  # the only modules importing torch / open_clip
+ENCODER_PACKAGE = {"encoder.py", "fast.py", "packed.py", "vit_onnx.py", "vit_torch.py",  # the only modules importing torch
                    "gpu_preprocess.py"}  # the encoder's preprocessing on its device: torch tensors, used by encoder.py only
 
 

@@ -68,7 +68,11 @@ def test_only_the_same_request_finds_the_cache(cache, tiny_model, tmp_path, monk
     assert _find(root, tiny_model, weights=other) is None  # another file
     assert _find(root, "ViT-B-32-quickgelu", pretrained="openai") is None  # another model
     assert _find(root, tiny_model, device="cuda") is None  # a GPU asked for: torch
-    assert _find(root, tiny_model, precision="fast") is None  # fast mode has towers of its own
+    from cliplens.fast import has_bf16
+
+    lean = _find(root, tiny_model, precision="fast")  # fast mode's bf16 tower, from the checkpoint (test_vit_torch.py)
+    assert (lean is not None and lean.info.precision == "fast:bf16") if has_bf16() else lean is None
+    assert _find(root, tiny_model, precision="fp16") is None
     monkeypatch.setattr(imageonly, "accelerator_present", lambda: True)
     assert _find(root, tiny_model, device="auto") is None  # auto, with a GPU present: torch
     assert _find(root, tiny_model, device="cpu") is not None
