@@ -76,14 +76,21 @@ class PackedMLP(nn.Module):
         fc, act, proj = (getattr(mlp, name, None) for name in ("c_fc", "gelu", "c_proj"))
         if not (isinstance(fc, nn.Linear) and isinstance(proj, nn.Linear)) or len(list(mlp.children())) != 3:
             return None
-        if _is_quick_gelu(act):  # x * sigmoid(1.702 x) == silu(1.702 x) / 1.702
-            s = QUICK_GELU_SCALE
-            return cls(PackedLinear(fc.weight * s, None if fc.bias is None else fc.bias * s, post="swish"),
-                       PackedLinear(proj.weight / s, proj.bias))
+        if _is_quick_gelu(act):
+            return cls.from_weights(fc.weight, fc.bias, proj.weight, proj.bias, activation="quickgelu")
         if type(act) is nn.GELU:
-            return cls(PackedLinear(fc.weight, fc.bias, post="gelu", algorithm=act.approximate),
-                       PackedLinear(proj.weight, proj.bias))
+            return cls.from_weights(fc.weight, fc.bias, proj.weight, proj.bias, activation=f"gelu:{act.approximate}")
         return None
+
+    @classmethod
+    def from_weights(cls, fc_w, fc_b, proj_w, proj_b, *, activation: str) -> PackedMLP:
+        """From the two linears' tensors; ``activation``: ``quickgelu``, or ``gelu:none`` / ``gelu:tanh``."""
+        if activation == "quickgelu":  # x * sigmoid(1.702 x) == silu(1.702 x) / 1.702
+            s = QUICK_GELU_SCALE
+            return cls(PackedLinear(fc_w * s, None if fc_b is None else fc_b * s, post="swish"),
+                       PackedLinear(proj_w / s, proj_b))
+        return cls(PackedLinear(fc_w, fc_b, post="gelu", algorithm=activation.split(":", 1)[1]),
+                   PackedLinear(proj_w, proj_b))
 
     def forward(self, x):
         return self.proj(self.fc(x))
@@ -97,6 +104,14 @@ class PackedSelfAttention(nn.Module):
         self.qkv = PackedLinear(attn.in_proj_weight, attn.in_proj_bias)
         self.out = PackedLinear(attn.out_proj.weight, attn.out_proj.bias)
         self.num_heads, self.embed_dim = attn.num_heads, attn.embed_dim
+
+    @classmethod
+    def from_weights(cls, in_w, in_b, out_w, out_b, *, num_heads: int) -> PackedSelfAttention:
+        """From the projections' tensors (``in_proj_weight`` and ``bias``, ``out_proj``'s), as a checkpoint holds them."""
+        from types import SimpleNamespace
+
+        return cls(SimpleNamespace(in_proj_weight=in_w, in_proj_bias=in_b, num_heads=num_heads,
+                                   embed_dim=out_w.shape[0], out_proj=SimpleNamespace(weight=out_w, bias=out_b)))
 
     @classmethod
     def supports(cls, attn) -> bool:

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliplens.imageonly import ImageOnlyEncoder
-from cliplens.packed import QUICK_GELU_SCALE, PackedLinear, trim_heap
+from cliplens.packed import PackedMLP, PackedSelfAttention, trim_heap
 
 
 class _Norm(nn.Module):
@@ -31,30 +31,23 @@ class _Norm(nn.Module):
 
 
 class _Block(nn.Module):
-    """open_clip's ResidualAttentionBlock as packing leaves it: packed qkv/out projections, fused-activation MLP."""
+    """open_clip's ResidualAttentionBlock as packing leaves it (cliplens.packed): packed self-attention, and the MLP
+    with its activation fused."""
 
     def __init__(self, get, prefix: str, *, heads: int, activation: str, eps: float):
         super().__init__()
         self.ln_1 = _Norm(get(prefix + "ln_1.weight"), get(prefix + "ln_1.bias"), eps)
         self.ln_2 = _Norm(get(prefix + "ln_2.weight"), get(prefix + "ln_2.bias"), eps)
-        self.qkv = PackedLinear(get(prefix + "attn.in_proj_weight"), get(prefix + "attn.in_proj_bias"))
-        self.out = PackedLinear(get(prefix + "attn.out_proj.weight"), get(prefix + "attn.out_proj.bias"))
-        fc_w, fc_b = get(prefix + "mlp.c_fc.weight"), get(prefix + "mlp.c_fc.bias")
-        proj_w, proj_b = get(prefix + "mlp.c_proj.weight"), get(prefix + "mlp.c_proj.bias")
-        if activation == "quickgelu":  # as cliplens.packed.PackedMLP folds it: silu(1.702 x) / 1.702
-            s = QUICK_GELU_SCALE
-            self.fc, self.proj = PackedLinear(fc_w * s, fc_b * s, post="swish"), PackedLinear(proj_w / s, proj_b)
-        else:
-            self.fc, self.proj = PackedLinear(fc_w, fc_b, post="gelu", algorithm="none"), PackedLinear(proj_w, proj_b)
-        self.heads = heads
+        self.attn = PackedSelfAttention.from_weights(
+            get(prefix + "attn.in_proj_weight"), get(prefix + "attn.in_proj_bias"),
+            get(prefix + "attn.out_proj.weight"), get(prefix + "attn.out_proj.bias"), num_heads=heads)
+        self.mlp = PackedMLP.from_weights(
+            get(prefix + "mlp.c_fc.weight"), get(prefix + "mlp.c_fc.bias"), get(prefix + "mlp.c_proj.weight"),
+            get(prefix + "mlp.c_proj.bias"), activation="quickgelu" if activation == "quickgelu" else "gelu:none")
 
     def forward(self, x):
-        n, length, width = x.shape
-        h = self.ln_1(x)
-        qkv = self.qkv(h).view(n, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
-        a = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2])
-        x = x + self.out(a.transpose(1, 2).reshape(n, length, width))
-        return x + self.proj(self.fc(self.ln_2(x)))
+        x = x + self.attn(self.ln_1(x))[0]
+        return x + self.mlp(self.ln_2(x))
 
 
 class PackedViT(nn.Module):
