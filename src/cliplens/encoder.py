@@ -180,7 +180,8 @@ class Encoder:
         out = []
         for im in images:
             if self.fast_config is not None and im.mode == "RGB":  # the same bits, without torch (preprocess_pil)
-                out.append(preprocess_pil(im, self.fast_config))
+                # fast mode resamples only the centre crop (within a grey level of exact; preprocess_pil)
+                out.append(preprocess_pil(im, self.fast_config, crop_only=self.info.precision.startswith("fast")))
             else:  # palette, RGBA, etc.: open_clip's transform is the definition of right
                 out.append(self.transform(im).numpy())
         if not out:

@@ -110,6 +110,7 @@ class ImageOnlyEncoder:
     def preprocess(self, images) -> np.ndarray:
         """uint8 (N,H,W,3) array or RGB PIL images -> float32 (N,3,S,S), equal to open_clip's eval transform."""
         cfg, s = self.fast_config, self.fast_config.size
+        crop_only = self.info.precision.startswith("fast")  # FastTowerEncoder: only the crop resampled
         if isinstance(images, np.ndarray):
             if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
                 raise ValueError(f"expected uint8 images of shape (N,H,W,3), got {images.dtype} {images.shape}")
@@ -118,7 +119,7 @@ class ImageOnlyEncoder:
         for im in images:
             if im.mode != "RGB":  # open_clip resizes other modes as they are: only the torch encoder has that path
                 raise ValueError(f"the image-only encoder takes RGB images, got mode {im.mode}")
-            out.append(preprocess_pil(im, cfg))
+            out.append(preprocess_pil(im, cfg, crop_only=crop_only))
         return np.stack(out) if out else np.zeros((0, 3, s, s), np.float32)
 
     def prepare_images_in_background(self) -> None:  # the session is ready once made

@@ -301,3 +301,21 @@ def test_int8_weights_use_seven_bits_where_the_cpu_would_saturate(monkeypatch, t
     assert seen["reduce_range"] is (not vnni)
     assert fast._variant("onnx-int8") == ("onnx-int8" if vnni else "onnx-int8-7bit")
     assert fast._variant("onnx-fp32") == "onnx-fp32"
+
+
+def test_fast_encoders_resample_only_the_crop_and_exact_ones_the_whole_photo(tiny_model, tiny_encoder, rng):
+    """What a fast index's photos go through (preprocess_pil(crop_only=True): within a grey level, measured in
+    tests/unit/test_preprocess.py and test_fast_decode.py) and what an exact one's do (open_clip's bits)."""
+    from PIL import Image
+
+    from cliplens.encoder import load_encoder
+    from cliplens.preprocess import preprocess_pil
+
+    photo = Image.fromarray(rng.integers(0, 256, (300, 451, 3), dtype=np.uint8))
+    fast_encoder = load_encoder(tiny_model, device="cpu", precision="fast")
+    crop_only = preprocess_pil(photo, fast_encoder.fast_config, crop_only=True)
+    whole = preprocess_pil(photo, tiny_encoder.fast_config)
+    assert not np.array_equal(crop_only, whole)  # the photo tells the two paths apart
+    np.testing.assert_array_equal(fast_encoder.preprocess([photo])[0], crop_only)
+    np.testing.assert_array_equal(tiny_encoder.preprocess([photo])[0], whole)
+    np.testing.assert_array_equal(tiny_encoder.preprocess([photo])[0], tiny_encoder.transform(photo).numpy())

@@ -275,3 +275,28 @@ def test_preprocess_pil_is_open_clips_transform_bit_for_bit(size, interpolation)
 def test_preprocess_pil_refuses_what_is_not_rgb():
     with pytest.raises(ValueError, match="RGB"):
         preprocess_pil(Image.new("L", (3000, 2000)))
+
+
+@pytest.mark.parametrize("size", [(2100, 1500), (1201, 2000), (1000, 750), (640, 480), (225, 900), (224, 224)],
+                         ids=["wide-3mp", "tall-2.4mp", "fast-decode", "small", "narrow", "model-size"])
+def test_crop_only_is_within_a_grey_level_of_open_clips_transform(size):
+    """--precision fast resamples only the centre crop: the same filter at the same scale, so every pixel is
+    open_clip's or one grey level from it, and only a few are (Pillow's weights for a box differ in the last bit)."""
+    w, h = size
+    rng = np.random.default_rng(w + h)
+    yy, xx = np.mgrid[0:h, 0:w]
+    smooth = (np.stack([np.sin(xx / (7 + c)) + np.cos(yy / (11 + c)) for c in range(3)], -1) + 2) * 60
+    im = Image.fromarray(np.clip(smooth + rng.normal(0, 30, (h, w, 3)), 0, 255).astype(np.uint8))
+    config = ClipPreprocessConfig()
+    exact = open_clip.image_transform(224, is_train=False)(im).numpy()
+    fast = preprocess_pil(im, config, crop_only=True)
+    assert fast.dtype == np.float32 and fast.shape == (3, 224, 224)
+    levels = np.abs(fast - exact) * np.asarray(config.std, np.float32).reshape(3, 1, 1) * 255  # back to grey levels
+    assert levels.max() <= 1.0 + 1e-3
+    assert (levels > 0.5).mean() < 0.01  # a handful of pixels, not a shifted image
+    assert np.array_equal(preprocess_pil(im, config), exact)  # the default stays bit-exact
+
+
+def test_crop_only_leaves_images_smaller_than_the_model_on_the_exact_path():
+    im = Image.fromarray(np.random.default_rng(1).integers(0, 256, (100, 180, 3), dtype=np.uint8))
+    assert np.array_equal(preprocess_pil(im, crop_only=True), preprocess_pil(im))
