@@ -91,7 +91,9 @@ def test_exif_date_camera_gps_and_size_are_columns(photo_index):
 # --------------------------------------------------------------------------- thumbnails
 
 
-def test_thumbnails_are_webp_at_two_sizes_with_the_aspect_kept(tmp_path, tiny_model, capsys):
+def test_thumbnails_are_webp_and_jpeg_at_two_sizes_with_the_aspect_kept(tmp_path, tiny_model, tiny_encoder, capsys):
+    import cliplens.sources.photos as photos_mod
+
     lib = tmp_path / "big"
     lib.mkdir()
     photo_fixture.picture(1, 1200, 800).save(lib / "wide.jpg", quality=90)
@@ -106,15 +108,25 @@ def test_thumbnails_are_webp_at_two_sizes_with_the_aspect_kept(tmp_path, tiny_mo
         for size in (256, 512):
             data = store.thumbnail(rows[rel], size)
             with Image.open(io.BytesIO(data)) as im:
-                assert im.format == "WEBP"
+                # 256 px WebP, 512 px JPEG; an image no larger than 256 px has one WebP for both
+                assert im.format == ("JPEG" if size == 512 and max(w, h) > 256 else "WEBP"), (rel, size)
+                assert photos_mod.media_type(data) == f"image/{im.format.lower()}"
                 scale = min(1.0, size / max(w, h))  # long side `size`, never enlarged, aspect kept (to a pixel)
                 assert max(im.size) == round(max(w, h) * scale), (rel, size, im.size)
                 assert abs(min(im.size) - min(w, h) * scale) <= 1 and (im.width > im.height) == (w > h)
             sizes[rel, size] = len(data)
     assert int(store.items["thumb_512"][rows["small.png"]]) == 0  # never enlarged: one thumbnail serves both
-    before = (store.files / "thumbs.bin").read_bytes()
-    import cliplens.sources.photos as photos_mod
+    from fastapi.testclient import TestClient
 
+    from cliplens.search import Searcher
+    from cliplens.web import create_app
+
+    with TestClient(create_app({"p": Searcher(encoder=tiny_encoder, store=store)}), base_url="http://127.0.0.1") as c:
+        for rel, size, served in (("wide.jpg", 512, "jpeg"), ("wide.jpg", 256, "webp"), ("small.png", 512, "webp")):
+            r = c.get(f"/api/items/{rows[rel]}/image", params={"size": size})
+            assert r.status_code == 200 and r.headers["content-type"] == f"image/{served}", (rel, size)
+            assert r.content == store.thumbnail(rows[rel], size)  # the stored bytes, not a decode of the photo
+    before = (store.files / "thumbs.bin").read_bytes()
     real = photos_mod.describe_file
     try:  # a re-run that changes nothing decodes nothing; a touched file's thumbnail comes from the index
         photos_mod.describe_file = lambda *a, **k: pytest.fail("an unchanged photo was decoded again")
@@ -334,6 +346,11 @@ def test_api_offset_filters_sort_and_facets(api, photo_index):
     hit = pages[0]["hits"][0]
     assert {"taken", "taken_from", "camera", "width", "height", "thumb", "thumb2x"} <= set(hit)
     assert hit["thumb2x"].endswith("index=photos") and "size=512" in hit["thumb2x"]
+    for url, served in ((hit["thumb"], "webp"), (hit["thumb2x"], "jpeg" if max(hit["width"], hit["height"]) > 256
+                                                                else "webp")):
+        r = api.get(url)  # the stored bytes, under the media type they are in
+        assert r.status_code == 200 and r.headers["content-type"] == f"image/{served}", url
+        assert Image.open(io.BytesIO(r.content)).format == served.upper()
     body = api.get("/api/search", params={"q": "photo", "index": "photos", "k": 7, "sort": "-taken",
                                           "where": ["taken>=2023", "camera=*iphone*"]}).json()
     got = [h["id"] for h in body["hits"]]
@@ -393,4 +410,5 @@ def test_thumbnails_come_from_the_decode_that_embeds(photos, tiny_model, tmp_pat
     assert code == 0 and store.has_thumbnails and len(store) == len(photo_fixture.PHOTOS)
     for i in range(len(store)):
         with Image.open(io.BytesIO(store.thumbnail(i, 512))) as im:
-            assert im.format == "WEBP" and (im.width, im.height) == (store.item(i)["width"], store.item(i)["height"])
+            assert im.format == ("JPEG" if max(im.size) > 256 else "WEBP")
+            assert (im.width, im.height) == (store.item(i)["width"], store.item(i)["height"])

@@ -67,7 +67,9 @@ def item_image(store, item_id: int, size: int) -> tuple[bytes, str]:
     if size <= 512 and getattr(store, "has_thumbnails", False):  # stored when indexed: no decoding of the photo
         data = store.thumbnail(item_id, size)
         if data and size >= 256:
-            return data, "image/webp"
+            from cliplens.sources.photos import media_type
+
+            return data, media_type(data)  # 256 px WebP, 512 px JPEG (WebP in generations before)
         if data:  # smaller than the smallest stored size: shrink the 256 px thumbnail
             with Image.open(io.BytesIO(data)) as im:
                 im = im.convert("RGB")
