@@ -10,9 +10,8 @@ For every file of a folder or list source the indexer stores (as ``items.parquet
     width, height  the image as shown (EXIF orientation applied)
 
 and two thumbnails, long side 256 px as WebP and 512 px as JPEG (aspect kept, never enlarged), appended to the
-generation's
-``thumbs.bin``; the columns ``thumb_offset``, ``thumb_256`` and ``thumb_512`` say where each is (``thumb_512`` is 0
-when the image is no larger than 256 px: the one thumbnail serves both sizes). Thumbnails decode
+generation's ``thumbs.bin``; the columns ``thumb_offset``, ``thumb_256`` and ``thumb_512`` say where each is
+(``thumb_512`` is 0 when the image is no larger than 256 px: the one thumbnail serves both sizes). Thumbnails decode
 JPEGs reduced (``draft``) so a 12 MP photo costs about 1 MP of memory; metadata reads the header only.
 """
 
@@ -37,9 +36,9 @@ WEBP_QUALITY = 80
 # method 0 and writes 10 % less; method 2 costs about 10 ms more again for another 10 % (method 4: 35 % slower
 # than 2 at 512 px, within 3 % of its size).
 WEBP_METHOD = 1
-# The 512 px one, the grid's high-density and preview size, is a JPEG (immich's previews are too): 0.6 ms to encode
-# against WebP's 5.5 ms (methods 1, 80 photos of 0.3-12 MP), for 29 % more bytes (36 KB against 28 KB). Generations
-# written before hold WebP at both sizes: readers tell the two apart by their bytes (media_type), never by the size.
+# The 512 px one, the grid's high-density and preview size, is a JPEG: 0.6 ms to encode
+# against WebP's 5.5 ms (method 1; 100 photos of 0.3-12 MP), for 29 % more bytes (36 KB against 28 KB, 80 of them).
+# Generations written before hold WebP at both sizes: readers tell the two apart by their bytes (media_type).
 JPEG_QUALITY = 85
 REDUCING_GAP = 1.5  # box-reduce until the Lanczos step shrinks by at most 1.5x (PIL's resize(reducing_gap=))
 
