@@ -377,9 +377,9 @@ def preprocess_pil(im: Any, config: ClipPreprocessConfig = ClipPreprocessConfig(
         raise ValueError(f"expected an RGB image, got mode {im.mode}")
     w, h = im.size
     s = config.size
+    rh, rw = resized_shape(h, w, s)
+    top, left = center_crop_box(rh, rw, s)
     if crop_only and min(w, h) >= s:  # never enlarging: Pillow enlarges a box as it does the whole image
-        rh, rw = resized_shape(h, w, s)
-        top, left = center_crop_box(rh, rw, s)
         box = (left * w / rw, top * h / rh, (left + s) * w / rw, (top + s) * h / rh)
         resized = im.resize((s, s), _PIL_FILTERS[config.interpolation], box=box)
         try:
@@ -388,8 +388,6 @@ def preprocess_pil(im: Any, config: ClipPreprocessConfig = ClipPreprocessConfig(
             resized.close()
     if w * h <= PIL_RESIZE_ABOVE_PIXELS:
         return preprocess_batch(np.asarray(im)[None], config)[0]
-    rh, rw = resized_shape(h, w, s)
-    top, left = center_crop_box(rh, rw, s)
     resized = im.resize((rw, rh), _PIL_FILTERS[config.interpolation])
     try:
         crop = np.asarray(resized)[top:top + s, left:left + s]

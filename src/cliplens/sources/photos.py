@@ -158,9 +158,11 @@ def thumbnails(im) -> tuple[bytes, bytes]:
         if small.size == big.size:  # no larger than 256 px: the one thumbnail serves both sizes
             return small_bytes, small_bytes
         return small_bytes, _encode(big, "JPEG", quality=JPEG_QUALITY)
-    finally:
-        for made in {id(x): x for x in (small, big) if x is not im}.values():
-            made.close()
+    finally:  # shrink hands back its input when it is small enough already: close only what was made here
+        if small is not big and small is not im:
+            small.close()
+        if big is not im:
+            big.close()
 
 
 def _encode(im, fmt: str, **options) -> bytes:
