@@ -66,6 +66,25 @@ def write_tiny_model(hf_home: Path, seed: int = 0) -> str:
     return TINY_MODEL
 
 
+TINY_RN_REPO = "cliplens-test/tiny-resnet"
+TINY_RN_CONFIG = {  # a ResNet image tower (open_clip's ModifiedResNet): not a ViT, so no image-only tower
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 224, "layers": [1, 1, 1, 1], "width": 8, "head_width": 16},
+    "text_cfg": TINY_CONFIG["text_cfg"],
+}
+
+
+def write_tiny_resnet(hf_home: Path, seed: int = 0) -> str:
+    """A tiny ResNet CLIP as an ``hf-hub:`` repo in the cache; returns its model name."""
+    from safetensors.torch import save_file
+
+    snap = write_hub_repo(hf_home, TINY_RN_REPO, {
+        "open_clip_config.json": json.dumps({"model_cfg": TINY_RN_CONFIG, "preprocess_cfg": {}}).encode(),
+    })
+    save_file(random_state_dict(config=TINY_RN_CONFIG, seed=seed), str(snap / "open_clip_model.safetensors"))
+    return f"hf-hub:{TINY_RN_REPO}"
+
+
 def write_tiny_checkpoint(path: Path, seed: int = 0) -> Path:
     """The tiny CLIP's weights as a plain torch checkpoint file (for --weights with a registered config)."""
     import torch

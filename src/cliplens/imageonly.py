@@ -206,50 +206,184 @@ def _fast_encoder(folder: Path, meta: dict):
         return None
 
 
+class _Declined(Exception):
+    """This model's image tower cannot be cached (the reason is the message): indexing keeps torch."""
+
+
+def write_entry(encoder, tmp: Path, *, reference=None, probe_images: int = 4) -> tuple[dict, np.ndarray, np.ndarray]:
+    """Write ``encoder``'s image tower (a loaded exact torch :class:`~cliplens.encoder.Encoder` on the CPU) as an
+    entry in the folder ``tmp``: the graph and its weights, then the torch tower's embeddings of probe images.
+    Returns (meta, probe pixels, those embeddings); raises :class:`_Declined` for a model whose tower cannot be
+    cached. ``reference(pixels)``: the torch tower to compare with (default: the encoder's own)."""
+    info = encoder.info
+    if cache_folder(info) is None:
+        raise _Declined("random weights: nothing to key a cache on")
+    if info.precision != "exact" or str(encoder.device) != "cpu":
+        raise _Declined(f"precision {info.precision} on {encoder.device}")
+    cfg = getattr(encoder, "fast_config", None)
+    if cfg is None:
+        raise _Declined(f"{info.name}'s preprocessing is one cliplens does not reproduce")
+    from cliplens import vit_onnx
+
+    visual = vit_onnx.unpacked_visual(encoder)
+    if not vit_onnx.supported(visual):
+        raise _Declined(f"{info.name} is not a ViT in CLIP's form")
+    grid = getattr(visual, "grid_size", None)
+    s = cfg.size
+    vit_onnx.write_graph(visual, tmp / "image.onnx")
+    meta = {"format": FORMAT, "model": info.to_json(),
+            "preprocess": {"size": s, "mean": list(cfg.mean), "std": list(cfg.std), "interpolation": cfg.interpolation},
+            "grid": [int(g) for g in grid] if grid else None, "vit": vit_onnx.tower_record(visual)}
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (probe_images, 2 * s // 3, s + 17, 3), dtype=np.uint8)
+    pixels = encoder.preprocess(images)
+    want = (reference or encoder.encode_pixels)(pixels)
+    return meta, pixels, np.asarray(want, np.float32)
+
+
+def _agree(tmp: Path, meta: dict, pixels: np.ndarray, want: np.ndarray) -> ImageOnlyEncoder:
+    """The entry in ``tmp`` as an encoder, once its embeddings of the probe pixels match ``want`` (the torch
+    tower's) to fp32 rounding; records the parity in ``meta``. :class:`_Declined` when they differ."""
+    encoder = ImageOnlyEncoder(tmp, meta)
+    got = encoder.encode_pixels(pixels)
+    cosine, largest = float((want * got).sum(axis=1).min()), float(np.abs(want - got).max())
+    if cosine < MIN_COSINE or largest > MAX_ABS:
+        log.warning("image-only tower differs from torch (cosine %.7f, largest %.1e); not cached", cosine, largest)
+        raise _Declined(f"the image-only tower differs from torch (cosine {cosine:.7f}, largest {largest:.1e})")
+    meta["parity"] = {"min_cosine": cosine, "max_abs": largest, "images": len(pixels)}
+    return encoder
+
+
 def build_cache(encoder, *, root: str | Path | None = None, probe_images: int = 4) -> Path | None:
     """Export ``encoder``'s image tower (a loaded exact torch :class:`~cliplens.encoder.Encoder` on the CPU) into
     its cache folder, after checking it against the torch tower on probe images; the folder, or None where it
     cannot be made (random weights, no ONNX Runtime, another device or precision, a preprocessing cliplens does not
     reproduce, an export or parity failure). Never raises for those: the torch path keeps working."""
-    info = encoder.info
-    folder = cache_folder(info, root=root)
-    if folder is None or info.precision != "exact" or str(encoder.device) != "cpu" or not enabled():
+    folder = cache_folder(encoder.info, root=root)
+    if folder is None or not enabled():
         return None
     if (folder / "meta.json").is_file():
         return folder
-    cfg = getattr(encoder, "fast_config", None)
-    if cfg is None:
-        return None
     try:
-        from cliplens import vit_onnx
-
-        visual = vit_onnx.unpacked_visual(encoder)
-        if not vit_onnx.supported(visual):
-            log.info("image-only tower: %s is not a ViT in CLIP's form; indexing keeps torch", info.name)
-            return None
-        grid = getattr(visual, "grid_size", None)
         with cache_entry(folder) as tmp:
-            s = cfg.size
-            vit_onnx.write_graph(visual, tmp / "image.onnx")
-            meta = {"format": FORMAT, "model": info.to_json(),
-                    "preprocess": {"size": s, "mean": list(cfg.mean), "std": list(cfg.std),
-                                   "interpolation": cfg.interpolation},
-                    "grid": [int(g) for g in grid] if grid else None, "vit": vit_onnx.tower_record(visual)}
-            rng = np.random.default_rng(0)
-            images = rng.integers(0, 256, (probe_images, 2 * s // 3, s + 17, 3), dtype=np.uint8)
-            pixels = encoder.preprocess(images)
-            want = encoder.encode_pixels(pixels)
-            got = ImageOnlyEncoder(tmp, meta).encode_pixels(pixels)
-            cosine, largest = float((want * got).sum(axis=1).min()), float(np.abs(want - got).max())
-            if cosine < MIN_COSINE or largest > MAX_ABS:
-                log.warning("image-only tower differs from torch (cosine %.7f, largest %.1e); not cached",
-                            cosine, largest)
-                return None
-            meta["parity"] = {"min_cosine": cosine, "max_abs": largest, "images": probe_images}
+            meta, pixels, want = write_entry(encoder, tmp, probe_images=probe_images)
+            _agree(tmp, meta, pixels, want)
             publish_cache_entry(tmp, folder, meta)
+    except _Declined as exc:
+        log.info("image-only tower not cached: %s; indexing keeps torch", exc)
+        return None
     except Exception as exc:
         log.warning("could not prepare the image-only tower (%s: %s); indexing keeps loading torch",
                     type(exc).__name__, str(exc).splitlines()[0][:160] if str(exc) else "")
         return None
     log.info("image-only tower cached in %s", folder)
     return folder if (folder / "meta.json").is_file() else None
+
+
+def prepare(*, name: str, pretrained: str | None, weights: str | Path | None, device: str = "auto",
+            root: str | Path | None = None, announce: bool = True) -> ImageOnlyEncoder | None:
+    """The first exact CPU indexing run of a model: build its image-only tower in a helper process
+    (``python -m cliplens.imageonly_build``: torch and open_clip load there, and their ~0.8 GB goes when it exits),
+    check it here against the open_clip tower's embeddings of probe images, cache it, and return it, so this run
+    indexes without torch too. None where it is not for this run (another device, the cache turned off, no onnx,
+    random weights, a model recorded as declined) or the helper declined or failed: the caller loads torch.
+    Raises :class:`~cliplens.errors.ModelError` with the helper's words where the model cannot be loaded at all
+    (an unknown name, weights neither on disk nor downloadable), as loading it here would have."""
+    import importlib.util
+    import shutil
+    import subprocess
+    import tempfile
+
+    from cliplens.errors import ModelError
+
+    if device not in ("auto", "cpu") or (device == "auto" and accelerator_present()) or not enabled():
+        return None
+    if importlib.util.find_spec("onnx") is None:
+        return None
+    if weights is None and not pretrained and not name.startswith(("hf-hub:", "local-dir:")):
+        return None  # random weights
+    base = cache_root(root)
+    declined = base / "declined" / f"{_request_key(name, pretrained, weights)}.json"
+    if declined.is_file():
+        return None
+    base.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".prepare.", dir=base))
+    try:
+        if announce:
+            print("preparing the image tower for torch-free indexing (once per model) ...", file=sys.stderr,
+                  flush=True)
+        request = {"folder": str(tmp), "name": name, "pretrained": pretrained,
+                   "weights": str(weights) if weights is not None else None,
+                   "log_level": logging.getLogger().getEffectiveLevel()}
+        run = subprocess.run([sys.executable, "-m", "cliplens.imageonly_build", json.dumps(request)],
+                             stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno() if _has_fileno() else None)
+        try:
+            result = json.loads((tmp / "result.json").read_text())
+        except (OSError, ValueError):
+            log.warning("the helper preparing the image-only tower exited with %s and no result; loading torch",
+                        run.returncode)
+            return None
+        status = result.get("status")
+        if status == "error":  # the model cannot be loaded: what loading it here would have said
+            raise ModelError(result.get("message") or f"could not load {name}", fix=result.get("fix"))
+        if status == "declined":  # a property of the model: remembered, so later runs load torch at once
+            log.info("image-only tower not prepared: %s; indexing keeps torch", result.get("message"))
+            _record_declined(declined, result)
+            return None
+        if status != "built":  # an export that failed (a full disk...): tried again next run
+            log.warning("could not prepare the image-only tower (%s); indexing loads torch", result.get("message"))
+            return None
+        meta = result["meta"]
+        with np.load(tmp / "probe.npz") as probe:
+            pixels, want = probe["pixels"], probe["reference"]
+        try:
+            encoder = _agree(tmp, meta, pixels, want)
+        except _Declined as exc:
+            _record_declined(declined, {"status": "declined", "message": str(exc)})
+            return None
+        for scratch in ("probe.npz", "result.json"):
+            (tmp / scratch).unlink()
+        folder = cache_folder(encoder.info, root=root)
+        publish_cache_entry(tmp, folder, meta)
+        encoder.folder = folder  # the session has its weights loaded; this names where they now are
+        log.info("image-only tower cached in %s", folder)
+        return encoder
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # gone already when published
+
+
+def _has_fileno() -> bool:
+    try:
+        sys.stderr.fileno()
+        return True
+    except (AttributeError, OSError, ValueError):  # pytest's capture, an IDE's console
+        return False
+
+
+def _request_key(name: str, pretrained: str | None, weights: str | Path | None) -> str:
+    """A key for one loading request (and this cliplens version, and the weights file's size and time)."""
+    import hashlib
+
+    from cliplens import __version__
+
+    parts: list = [FORMAT, __version__, name, pretrained]
+    if weights is not None:
+        path = Path(weights).expanduser().resolve()
+        try:
+            st = path.stat()
+            parts += [str(path), st.st_size, st.st_mtime_ns]
+        except OSError:
+            parts += [str(path)]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:24]
+
+
+def _record_declined(path: Path, result: dict) -> None:
+    """Remember that this request's tower is not cached (why, in the file), so later runs load torch at once."""
+    from cliplens._files import write_bytes_atomic
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_bytes_atomic(path, (json.dumps({"status": result.get("status"), "message": result.get("message")})
+                                  + "\n").encode())
+    except OSError:
+        pass

@@ -83,3 +83,70 @@ def test_an_export_failure_is_a_warning_not_an_error(tmp_path, tiny_model, monke
     monkeypatch.setattr(vit_onnx, "write_graph", broken)
     assert imageonly.build_cache(encoder, root=tmp_path) is None
     assert "could not prepare the image-only tower" in caplog.text and list(tmp_path.iterdir()) == []
+
+
+# The first run's helper process (imageonly.prepare): whatever goes wrong, the run goes on with torch and nothing of
+# the attempt stays on disk.
+
+def _prepare(root, tiny_model):
+    return imageonly.prepare(name=tiny_model, pretrained=None, weights=None, device="cpu", root=root, announce=False)
+
+
+def test_a_prepared_tower_that_disagrees_is_not_cached_and_remembered(tmp_path, tiny_model, monkeypatch, caplog):
+    monkeypatch.setenv("CLIPLENS_IMAGE_ONLY", "1")
+    real = imageonly.ImageOnlyEncoder.encode_pixels
+    monkeypatch.setattr(imageonly.ImageOnlyEncoder, "encode_pixels",
+                        lambda self, pixels: np.roll(real(self, pixels), 1, axis=1))  # wrong arithmetic here
+    assert _prepare(tmp_path, tiny_model) is None
+    assert "differs from torch" in caplog.text
+    assert [p.name for p in tmp_path.iterdir()] == ["declined"]  # no entry, no scratch; remembered
+    [marker] = (tmp_path / "declined").iterdir()
+    assert "differs from torch" in json.loads(marker.read_text())["message"]
+
+
+def test_a_helper_that_dies_leaves_nothing_and_is_tried_again(tmp_path, tiny_model, monkeypatch, caplog):
+    import subprocess
+
+    monkeypatch.setenv("CLIPLENS_IMAGE_ONLY", "1")
+    calls = []
+
+    def killed(argv, **kwargs):  # e.g. the kernel's OOM killer: no result written
+        calls.append(argv)
+        return subprocess.CompletedProcess(argv, -9)
+
+    monkeypatch.setattr(subprocess, "run", killed)
+    assert _prepare(tmp_path, tiny_model) is None and _prepare(tmp_path, tiny_model) is None
+    assert len(calls) == 2 and "exited with -9 and no result" in caplog.text
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupted_prepare_stops_and_leaves_nothing(tmp_path, tiny_model, monkeypatch):
+    import subprocess
+
+    monkeypatch.setenv("CLIPLENS_IMAGE_ONLY", "1")
+
+    def interrupted(argv, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(subprocess, "run", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _prepare(tmp_path, tiny_model)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_while_preparing_is_a_warning_and_leaves_nothing(tmp_path, tiny_model, monkeypatch, caplog):
+    import subprocess
+
+    monkeypatch.setenv("CLIPLENS_IMAGE_ONLY", "1")
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()[:80]}): "
+                    "test_a_helper_that_dies_leaves_nothing_and_is_tried_again covers the same clean-up")
+    try:
+        assert _prepare(small, tiny_model) is None  # the tiny tower's weights (1.2 MB) do not fit in 256 KiB
+        assert "could not prepare the image-only tower" in caplog.text or "no result" in caplog.text
+        assert list(small.iterdir()) == []  # tried again next run, when there is room
+    finally:
+        subprocess.run(["umount", str(small)], check=False)

@@ -75,7 +75,8 @@ def load_model(args, manifest=None, *, images_only: bool = False):
     """Build the encoder from flags, falling back to the model an index was built with.
 
     ``images_only`` (indexing): the torch-free image tower where it is cached for this model and exact precision
-    (:mod:`cliplens.imageonly`): it encodes images only.
+    (:mod:`cliplens.imageonly`), or, on the model's first exact run, cached now by a helper process: it encodes
+    images only.
     """
     from cliplens.encoder import load_encoder
 
@@ -86,6 +87,9 @@ def load_model(args, manifest=None, *, images_only: bool = False):
 
         cached = imageonly.find(name=name, pretrained=pretrained, weights=weights, device=args.device,
                                 precision=precision)
+        if cached is None and precision == "exact":  # the model's first exact run: cache the tower, then use it
+            cached = imageonly.prepare(name=name, pretrained=pretrained, weights=weights, device=args.device,
+                                       announce=not getattr(args, "quiet", False))
         if cached is not None:
             return cached
     return load_encoder(name, pretrained, weights=weights, device=args.device, precision=precision)
