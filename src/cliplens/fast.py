@@ -28,7 +28,6 @@ call and output, so pipeline and store are unchanged; ``ModelInfo.precision`` re
 from __future__ import annotations
 
 import copy
-import functools
 import hashlib
 import logging
 import tempfile
@@ -41,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from cliplens._cpu import cpu_flags, has_bf16, has_int8_dot  # noqa: F401  (fast's API, torch-free there)
 from cliplens.errors import ModelError
 from cliplens.textonly import OrtTextRunner, causal_mask
 
@@ -53,31 +53,6 @@ BACKENDS = ("onnx-int8", "torch-int8", "bf16", "onnx-fp32")
 AUTO_ORDER = ("bf16", "onnx-int8", "torch-int8")
 _ONNX_OPSET = 17
 _COPIED_ATTRS = ("preprocess_cfg", "image_size", "output_dim", "image_mean", "image_std", "patch_size", "grid_size")
-
-
-@functools.lru_cache(maxsize=4)
-def cpu_flags(path: str = "/proc/cpuinfo") -> frozenset[str]:
-    """The instruction-set flags of the first CPU in /proc/cpuinfo (empty where there is no such file)."""
-    try:
-        text = Path(path).read_text()
-    except OSError:
-        return frozenset()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return frozenset(line.split(":", 1)[1].split())
-    return frozenset()
-
-
-def has_int8_dot(flags: frozenset[str] | None = None) -> bool:
-    """True when the CPU has an int8 dot-product instruction (AVX-512 VNNI, AVX-VNNI or AMX-INT8)."""
-    flags = cpu_flags() if flags is None else flags
-    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
-
-
-def has_bf16(flags: frozenset[str] | None = None) -> bool:
-    """True when the CPU multiplies bfloat16 natively (AVX512_BF16 or AMX-BF16)."""
-    flags = cpu_flags() if flags is None else flags
-    return bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
 def onnxruntime_available() -> bool:

@@ -191,7 +191,7 @@ def _fast_encoder(folder: Path, meta: dict):
     """Fast mode's bf16 tower built from the checkpoint without open_clip (:mod:`cliplens.vit_torch`), where this
     CPU multiplies bf16 (what ``auto`` picks then), the entry records the tower and the checkpoint is safetensors;
     else None (the usual fast load)."""
-    from cliplens.fast import has_bf16
+    from cliplens._cpu import has_bf16
 
     checkpoint = meta["model"].get("weights_path") or ""
     if not (has_bf16() and meta.get("vit") and checkpoint.endswith(".safetensors")):
@@ -281,22 +281,28 @@ def build_cache(encoder, *, root: str | Path | None = None, probe_images: int = 
 
 
 def prepare(*, name: str, pretrained: str | None, weights: str | Path | None, device: str = "auto",
-            root: str | Path | None = None, announce: bool = True) -> ImageOnlyEncoder | None:
+            precision: str = "exact", root: str | Path | None = None, announce: bool = True):
     """The first exact CPU indexing run of a model: build its image-only tower in a helper process
     (``python -m cliplens.imageonly_build``: torch and open_clip load there, and their ~0.8 GB goes when it exits),
     check it here against the open_clip tower's embeddings of probe images, cache it, and return it, so this run
     indexes without torch too. None where it is not for this run (another device, the cache turned off, no onnx,
     random weights, a model recorded as declined) or the helper declined or failed: the caller loads torch.
     Raises :class:`~cliplens.errors.ModelError` with the helper's words where the model cannot be loaded at all
-    (an unknown name, weights neither on disk nor downloadable), as loading it here would have."""
+    (an unknown name, weights neither on disk nor downloadable), as loading it here would have.
+
+    ``precision="fast"``: where this CPU multiplies bf16, the same exact entry is cached (fast mode's tower is built
+    from what it records: :func:`_fast_encoder`), and fast mode's encoder is returned, or None (the usual load)."""
     import importlib.util
     import shutil
     import subprocess
     import tempfile
 
+    from cliplens._cpu import has_bf16
     from cliplens.errors import ModelError
 
     if device not in ("auto", "cpu") or (device == "auto" and accelerator_present()) or not enabled():
+        return None
+    if precision not in ("exact", "fast") or (precision == "fast" and not has_bf16()):
         return None
     if importlib.util.find_spec("onnx") is None:
         return None
@@ -347,6 +353,9 @@ def prepare(*, name: str, pretrained: str | None, weights: str | Path | None, de
         publish_cache_entry(tmp, folder, meta)
         encoder.folder = folder  # the session has its weights loaded; this names where they now are
         log.info("image-only tower cached in %s", folder)
+        if precision == "fast":
+            del encoder  # its session (the fp32 weights) goes before the bf16 tower is built
+            return _fast_encoder(folder, meta)
         return encoder
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # gone already when published

@@ -81,3 +81,20 @@ def test_a_tower_that_cannot_be_cached_is_remembered(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["declined"]
     _no_helper(monkeypatch)
     assert _prepare(tmp_path, rn) is None  # later runs load torch at once
+
+
+def test_a_first_fast_run_caches_the_entry_its_bf16_tower_is_built_from(tmp_path, tiny_model, monkeypatch, rng):
+    from cliplens._cpu import has_bf16
+
+    if not has_bf16():  # fast mode's tower is not bf16 here: the usual fast load, and no helper for it
+        _no_helper(monkeypatch)
+        assert _prepare(tmp_path, tiny_model, precision="fast") is None
+        return
+    lean = _prepare(tmp_path, tiny_model, precision="fast")
+    assert lean is not None and lean.info.precision == "fast:bf16" and not hasattr(lean, "session")
+    usual = load_encoder(tiny_model, device="cpu", precision="fast", fast_backend="bf16")
+    assert lean.info == usual.info  # what an index records: either load may extend it
+    images = rng.integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    assert np.abs(lean.encode_images(images) - usual.encode_images(images)).max() <= 1e-6  # the same bf16 arithmetic
+    exact = imageonly.find(name=tiny_model, pretrained=None, weights=None, device="cpu", root=tmp_path)
+    assert exact is not None and exact.info.precision == "exact"  # the entry, for later exact runs too

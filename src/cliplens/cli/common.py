@@ -87,9 +87,9 @@ def load_model(args, manifest=None, *, images_only: bool = False):
 
         cached = imageonly.find(name=name, pretrained=pretrained, weights=weights, device=args.device,
                                 precision=precision)
-        if cached is None and precision == "exact":  # the model's first exact run: cache the tower, then use it
+        if cached is None:  # the model's first run: cache the tower (where it can), then use it
             cached = imageonly.prepare(name=name, pretrained=pretrained, weights=weights, device=args.device,
-                                       announce=not getattr(args, "quiet", False))
+                                       precision=precision, announce=not getattr(args, "quiet", False))
         if cached is not None:
             return cached
     return load_encoder(name, pretrained, weights=weights, device=args.device, precision=precision)
