@@ -93,8 +93,8 @@ def measure(encoder, store, *, sample: int = SAMPLE, seed: int = 0) -> Threshold
     if len(images) < 4:
         raise DuplicatesError(f"index {store.root} has too few images ({len(images)}) to measure a threshold on: "
                               "give one")
-    copies = copy_threshold(encoder, images, sample=len(images), seed=seed)
     emb = np.asarray(encoder.encode_images([_pil(a) for a in images]), np.float64)
+    copies = copy_threshold(encoder, images, sample=len(images), seed=seed, embeddings=emb)
     cos = emb @ emb.T
     distinct = float(np.quantile(cos[np.triu_indices(len(emb), 1)], 0.99))
     c = float(copies["threshold"])

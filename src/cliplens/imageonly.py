@@ -304,7 +304,7 @@ def prepare(*, name: str, pretrained: str | None, weights: str | Path | None, de
         return None
     if precision not in ("exact", "fast") or (precision == "fast" and not has_bf16()):
         return None
-    if importlib.util.find_spec("onnx") is None:
+    if importlib.util.find_spec("onnx") is None or not sys.executable:  # no onnx, or an embedded interpreter
         return None
     if weights is None and not pretrained and not name.startswith(("hf-hub:", "local-dir:")):
         return None  # random weights
@@ -321,8 +321,12 @@ def prepare(*, name: str, pretrained: str | None, weights: str | Path | None, de
         request = {"folder": str(tmp), "name": name, "pretrained": pretrained,
                    "weights": str(weights) if weights is not None else None,
                    "log_level": logging.getLogger().getEffectiveLevel()}
-        run = subprocess.run([sys.executable, "-m", "cliplens.imageonly_build", json.dumps(request)],
-                             stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno() if _has_fileno() else None)
+        try:
+            run = subprocess.run([sys.executable, "-m", "cliplens.imageonly_build", json.dumps(request)],
+                                 stdin=subprocess.DEVNULL, stdout=sys.stderr.fileno() if _has_fileno() else None)
+        except OSError as exc:  # no process could be started (a process limit, no memory to fork)
+            log.warning("could not start the helper preparing the image-only tower (%s); loading torch", exc)
+            return None
         try:
             result = json.loads((tmp / "result.json").read_text())
         except (OSError, ValueError):

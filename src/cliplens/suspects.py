@@ -120,13 +120,19 @@ def _copy(img: np.ndarray, rng: np.random.Generator):
     return Image.open(io.BytesIO(buf.getvalue())).convert("RGB")
 
 
-def copy_threshold(encoder, images: np.ndarray, *, sample: int = 256, seed: int = 0, quantile: float = 0.01) -> dict:
-    """Cosine between originals and re-encoded copies of a seeded sample; its 1st percentile is the threshold."""
+def copy_threshold(encoder, images: np.ndarray, *, sample: int = 256, seed: int = 0, quantile: float = 0.01,
+                   embeddings: np.ndarray | None = None) -> dict:
+    """Cosine between originals and re-encoded copies of a seeded sample; its 1st percentile is the threshold.
+    ``embeddings``: the encoder's embeddings of every one of ``images``, where the caller has them already (the
+    sample's rows are taken from them instead of encoding those images again)."""
     from PIL import Image
 
     rng = np.random.default_rng(seed)
     pick = np.sort(rng.choice(len(images), size=min(sample, len(images)), replace=False))
-    originals = encoder.encode_images([Image.fromarray(np.asarray(images[i], np.uint8)) for i in pick])
+    if embeddings is not None and len(embeddings) != len(images):
+        raise ValueError(f"{len(embeddings)} embeddings for {len(images)} images")
+    originals = (embeddings[pick] if embeddings is not None else
+                 encoder.encode_images([Image.fromarray(np.asarray(images[i], np.uint8)) for i in pick]))
     copies = encoder.encode_images([_copy(images[i], rng) for i in pick])
     cos = np.sum(np.asarray(originals, np.float64) * np.asarray(copies, np.float64), axis=1)
     return {"threshold": float(np.quantile(cos, quantile)), "sample": int(len(pick)), "quantile": quantile,

@@ -119,6 +119,13 @@ def test_a_helper_that_dies_leaves_nothing_and_is_tried_again(tmp_path, tiny_mod
     assert len(calls) == 2 and "exited with -9 and no result" in caplog.text
     assert list(tmp_path.iterdir()) == []
 
+    def cannot_fork(argv, **kwargs):
+        raise BlockingIOError(11, "Resource temporarily unavailable")
+
+    monkeypatch.setattr(subprocess, "run", cannot_fork)
+    assert _prepare(tmp_path, tiny_model) is None and "could not start the helper" in caplog.text
+    assert list(tmp_path.iterdir()) == []
+
 
 def test_an_interrupted_prepare_stops_and_leaves_nothing(tmp_path, tiny_model, monkeypatch):
     import subprocess

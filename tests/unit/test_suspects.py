@@ -90,3 +90,25 @@ def test_copy_threshold_is_measured_on_reencoded_copies(rng):
     assert r["sample"] == 30 and r["copy_cosine_min"] <= r["threshold"] <= r["copy_cosine_median"] <= 1.0
     assert r["threshold"] > 0.8  # copies of the same picture stay close; distinct noise images do not
     assert r == copy_threshold(PoolEncoder(), images, sample=30)  # seeded
+
+
+def test_copy_threshold_takes_the_originals_embeddings_it_is_given(rng):
+    images = rng.integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+    images = np.repeat(np.repeat(images[:, ::8, ::8], 8, axis=1), 8, axis=2)
+    from PIL import Image
+
+    class Counting(PoolEncoder):
+        seen = 0
+
+        def encode_images(self, images):
+            images = list(images)
+            Counting.seen += len(images)
+            return super().encode_images(images)
+
+    emb = PoolEncoder().encode_images([Image.fromarray(a) for a in images])
+    encoder = Counting()
+    given = copy_threshold(encoder, images, sample=24, embeddings=emb)
+    assert Counting.seen == 24  # the copies only
+    assert given == copy_threshold(PoolEncoder(), images, sample=24)  # the same measure
+    with pytest.raises(ValueError, match="3 embeddings for 24 images"):
+        copy_threshold(encoder, images, sample=24, embeddings=emb[:3])
