@@ -16,8 +16,12 @@ tower (1.55-1.65 against 1.47-1.50 s per batch of 64): the start-up it saves is 
         meta.json            written last (its presence means the folder is complete): the model's record
                              (ModelInfo), the preprocessing, the patch grid, the parity measured
 
-The folder is built in a temporary folder beside it and renamed into place, after an exact CPU indexing run that
-loaded torch anyway (``cliplens.cli.core``). ``CLIPLENS_IMAGE_ONLY=0`` turns both the building and the use off.
+The folder is built in a temporary folder beside it and renamed into place. On a model's first exact (or, on a bf16
+CPU, fast) indexing run, :func:`prepare` has a helper process (:mod:`cliplens.imageonly_build`) load torch and
+open_clip, write the entry and open_clip's embeddings of probe images, and exit; this process checks the graph
+against them and indexes with it, so it never holds torch. A run that loaded torch anyway (the helper declined or
+failed) builds it after indexing (:func:`build_cache`, ``cliplens.cli.core``). Models whose tower cannot be cached
+are remembered in ``declined/`` (the reason inside). ``CLIPLENS_IMAGE_ONLY=0`` turns the building and the use off.
 """
 
 from __future__ import annotations
@@ -354,7 +358,13 @@ def prepare(*, name: str, pretrained: str | None, weights: str | Path | None, de
         for scratch in ("probe.npz", "result.json"):
             (tmp / scratch).unlink()
         folder = cache_folder(encoder.info, root=root)
+        aside = None
+        if folder.exists():  # find() passed it over (damaged), or another run has just published it: ours replaces it
+            aside = Path(tempfile.mkdtemp(prefix=f".{folder.name}.old.", dir=base))
+            os.replace(folder, aside / "entry")  # a process using it keeps its files open
         publish_cache_entry(tmp, folder, meta)
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
         encoder.folder = folder  # the session has its weights loaded; this names where they now are
         log.info("image-only tower cached in %s", folder)
         if precision == "fast":

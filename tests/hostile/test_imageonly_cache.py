@@ -157,3 +157,16 @@ def test_a_full_disk_while_preparing_is_a_warning_and_leaves_nothing(tmp_path, t
         assert list(small.iterdir()) == []  # tried again next run, when there is room
     finally:
         subprocess.run(["umount", str(small)], check=False)
+
+
+def test_a_damaged_entry_is_replaced_by_the_next_first_run(built, tiny_model, monkeypatch, rng):
+    root, folder, encoder = built
+    weights = folder / "image.onnx.weights"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert _find(root, tiny_model) is None  # passed over, with a warning
+    ours = _prepare(root, tiny_model)
+    assert ours is not None and ours.folder == folder
+    assert sorted(p.name for p in root.iterdir()) == [folder.name]  # nothing set aside is left
+    found = _find(root, tiny_model)
+    images = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    assert found is not None and np.abs(found.encode_images(images) - encoder.encode_images(images)).max() <= 1e-5
