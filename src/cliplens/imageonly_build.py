@@ -51,8 +51,10 @@ def _build(request: dict, folder: Path) -> dict:
         return {"status": "error", "message": str(exc), "fix": exc.fix}
     except Exception as exc:  # noqa: BLE001 - reported to the parent, which loads the model itself and says why
         return {"status": "failed", "message": _line(exc)}
+    from cliplens.vit_onnx import open_clip_tower
+
     try:
-        meta, pixels, want = imageonly.write_entry(encoder, folder, reference=_open_clip_tower(encoder))
+        meta, pixels, want = imageonly.write_entry(encoder, folder, reference=open_clip_tower(encoder))
     except imageonly._Declined as exc:
         return {"status": "declined", "message": str(exc)}
     except Exception as exc:  # noqa: BLE001 - an export failure (a full disk): the parent keeps torch
@@ -62,35 +64,6 @@ def _build(request: dict, folder: Path) -> dict:
     with open(folder / "probe.npz", "wb") as f:
         np.savez(f, pixels=pixels, reference=want)
     return {"status": "built", "meta": meta}
-
-
-def _open_clip_tower(encoder):
-    """``pixels -> unit embeddings`` by open_clip's own ``encode_image``, each block's weights given back to the
-    checkpoint's file mapping once it has run, so the helper never holds the whole tower's pages at once."""
-    import numpy as np
-    import torch
-
-    from cliplens.packed import file_maps, release_file_pages
-
-    clip = encoder.model
-
-    def run(pixels: np.ndarray) -> np.ndarray:
-        maps = file_maps()
-
-        def release(module, *_) -> None:  # a forward hook that returns something replaces the block's output
-            release_file_pages(list(module.parameters()), maps=maps)
-
-        hooks = [block.register_forward_hook(release) for block in clip.visual.transformer.resblocks]
-        try:
-            with torch.inference_mode():
-                feats = clip.encode_image(torch.from_numpy(np.ascontiguousarray(pixels, np.float32))).float()
-        finally:
-            for hook in hooks:
-                hook.remove()
-        feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return feats.numpy()
-
-    return run
 
 
 def _line(exc: BaseException) -> str:

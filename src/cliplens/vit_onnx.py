@@ -182,3 +182,33 @@ def unpacked_visual(encoder):
     checkpoint = None if info.name.startswith(("hf-hub:", "local-dir:")) else info.weights_path
     clip, _ = _create_model(info.name, checkpoint, "cpu")
     return clip.eval().visual
+
+
+def open_clip_tower(encoder):
+    """``pixels -> unit embeddings`` by open_clip's own ``encode_image`` of ``encoder``'s (unpacked) model: what a
+    graph written from it is checked against in the first-run helper (cliplens.imageonly_build). Each block's weights
+    are given back to the checkpoint's file mapping once it has run, so the helper never holds all the tower's
+    pages at once."""
+    import torch
+
+    from cliplens.packed import file_maps, release_file_pages
+
+    clip = encoder.model
+
+    def run(pixels: np.ndarray) -> np.ndarray:
+        maps = file_maps()
+
+        def release(module, *_) -> None:  # a forward hook that returns something replaces the block's output
+            release_file_pages(list(module.parameters()), maps=maps)
+
+        hooks = [block.register_forward_hook(release) for block in clip.visual.transformer.resblocks]
+        try:
+            with torch.inference_mode():
+                feats = clip.encode_image(torch.from_numpy(np.ascontiguousarray(pixels, np.float32))).float()
+        finally:
+            for hook in hooks:
+                hook.remove()
+        feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+        return feats.numpy()
+
+    return run

@@ -98,3 +98,14 @@ def test_a_first_fast_run_caches_the_entry_its_bf16_tower_is_built_from(tmp_path
     assert np.abs(lean.encode_images(images) - usual.encode_images(images)).max() <= 1e-6  # the same bf16 arithmetic
     exact = imageonly.find(name=tiny_model, pretrained=None, weights=None, device="cpu", root=tmp_path)
     assert exact is not None and exact.info.precision == "exact"  # the entry, for later exact runs too
+
+
+def test_the_default_model_by_its_tag_is_prepared_as_loading_it_names_it(tmp_path, b32_encoder, rng):
+    # ViT-B-32 + openai: the tag needs QuickGELU, so loading switches to ViT-B-32-quickgelu (DESIGN.md's trap)
+    ours = _prepare(tmp_path, "ViT-B-32", pretrained="openai")
+    assert ours is not None and ours.info == b32_encoder.info and ours.info.name == "ViT-B-32-quickgelu"
+    assert ours.meta["vit"]["activation"] == "quickgelu" and ours.image_grid == (7, 7)
+    found = imageonly.find(name="ViT-B-32", pretrained="openai", weights=None, device="cpu", root=tmp_path)
+    assert found is not None and found.info == b32_encoder.info
+    images = rng.integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    assert np.abs(ours.encode_images(images) - b32_encoder.encode_images(images)).max() <= 1e-5
