@@ -123,3 +123,20 @@ def playwright_api():
             pytest.fail(message)
         pytest.skip(message)
     return sync_api
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 256 KiB tmpfs, for a full disk (mounting needs root: the tests run as root in this project's containers and
+    CI). Where it cannot be mounted the test is skipped; each such test has an injected-failure twin covering the
+    same clean-up paths (test_index_safety.py, tests/hostile/test_imageonly_cache.py)."""
+    import subprocess
+
+    where = tmp_path / "small"
+    where.mkdir()
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)], capture_output=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()[:80]}): its injected-failure twin "
+                    "covers the same paths")
+    yield where
+    subprocess.run(["umount", str(where)], check=False)

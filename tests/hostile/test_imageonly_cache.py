@@ -141,22 +141,12 @@ def test_an_interrupted_prepare_stops_and_leaves_nothing(tmp_path, tiny_model, m
     assert list(tmp_path.iterdir()) == []
 
 
-def test_a_full_disk_while_preparing_is_a_warning_and_leaves_nothing(tmp_path, tiny_model, monkeypatch, caplog):
-    import subprocess
-
+def test_a_full_disk_while_preparing_is_a_warning_and_leaves_nothing(small_disk, tiny_model, monkeypatch, caplog):
+    # its injected-failure twin: test_a_helper_that_dies_leaves_nothing_and_is_tried_again
     monkeypatch.setenv("CLIPLENS_IMAGE_ONLY", "1")
-    small = tmp_path / "small"
-    small.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(small)], capture_output=True)
-    if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()[:80]}): "
-                    "test_a_helper_that_dies_leaves_nothing_and_is_tried_again covers the same clean-up")
-    try:
-        assert _prepare(small, tiny_model) is None  # the tiny tower's weights (1.2 MB) do not fit in 256 KiB
-        assert "could not prepare the image-only tower" in caplog.text or "no result" in caplog.text
-        assert list(small.iterdir()) == []  # tried again next run, when there is room
-    finally:
-        subprocess.run(["umount", str(small)], check=False)
+    assert _prepare(small_disk, tiny_model) is None  # the tiny tower's weights (1.2 MB) do not fit in 256 KiB
+    assert "could not prepare the image-only tower" in caplog.text or "no result" in caplog.text
+    assert list(small_disk.iterdir()) == []  # tried again next run, when there is room
 
 
 def test_a_damaged_entry_is_replaced_by_the_next_first_run(built, tiny_model, monkeypatch, rng):

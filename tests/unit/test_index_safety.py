@@ -171,17 +171,7 @@ def test_serve_answers_from_one_generation_and_picks_up_the_next(photos, tmp_pat
 # --------------------------------------------------------------------------- 4. a full disk
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 256 KiB tmpfs (mounting needs root: the tests run as root in this project's containers and CI)."""
-    where = tmp_path / "small"
-    where.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(where)], capture_output=True)
-    if r.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({r.stderr.decode().strip()[:80]}): the injected-failure test "
-                    "below covers the same paths")
-    yield where
-    subprocess.run(["umount", str(where)], check=False)
+# small_disk (tests/conftest.py): a 256 KiB tmpfs
 
 
 def test_a_full_disk_is_one_line_and_the_previous_index_stays(small_disk, cifar_root, tiny_model, capsys):
