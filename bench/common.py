@@ -25,7 +25,7 @@ def cpu_model() -> str:
 
 def cpu_flags_of_interest() -> list[str]:
     try:
-        from cliplens.fast import cpu_flags
+        from cliplens._cpu import cpu_flags  # no torch import for a flag
 
         flags = cpu_flags()
     except ImportError:
