@@ -115,9 +115,10 @@ def write_graph(visual, path: Path) -> None:
             return node("LayerNormalization", [x, weight(f"{name}.w", ln.weight), weight(f"{name}.b", ln.bias)],
                         axis=-1, epsilon=float(ln.eps))
 
-        def linear(x, lin_w, lin_b, name):
-            y = node("MatMul", [x, weight(f"{name}.wT", lin_w, transpose=True)])
-            return node("Add", [y, weight(f"{name}.b", lin_b)]) if lin_b is not None else y
+        def linear(x, lin_w, lin_b, name):  # x: (tokens, in); a Gemm adds the bias in its own pass over the output
+            if lin_b is None:
+                return node("MatMul", [x, weight(f"{name}.wT", lin_w, transpose=True)])
+            return node("Gemm", [x, weight(f"{name}.wT", lin_w, transpose=True), weight(f"{name}.b", lin_b)])
 
         width = int(visual.conv1.out_channels)
         patch = visual.conv1.kernel_size
@@ -131,17 +132,19 @@ def write_graph(visual, path: Path) -> None:
         x = node("Concat", [cls, x], axis=1)
         x = node("Add", [x, weight("positional_embedding", visual.positional_embedding)])
         x = layer_norm(x, visual.ln_pre, "ln_pre")
+        length = int(visual.positional_embedding.shape[0])  # tokens per image: the class token and the patches
+        x = node("Reshape", [x, const("shape_tokens", [-1, width])])  # (N * length, width): every linear one Gemm
         for i, block in enumerate(visual.transformer.resblocks):
             attn, heads = block.attn, int(block.attn.num_heads)
             h = layer_norm(x, block.ln_1, f"b{i}.ln_1")
             qkv = linear(h, attn.in_proj_weight, attn.in_proj_bias, f"b{i}.in_proj")
-            qkv = node("Reshape", [qkv, const(f"b{i}.shape_qkv", [0, 0, 3, heads, width // heads])])
+            qkv = node("Reshape", [qkv, const(f"b{i}.shape_qkv", [-1, length, 3, heads, width // heads])])
             qkv = node("Transpose", [qkv], perm=[2, 0, 3, 1, 4])  # (3, N, heads, L, head_dim)
             q, k, v = (node("Gather", [qkv, const(f"b{i}.i{j}", j)], axis=0) for j in range(3))
             scores = node("MatMul", [q, node("Transpose", [k], perm=[0, 1, 3, 2])])
             scores = node("Mul", [scores, const(f"b{i}.scale", 1.0 / float(np.sqrt(width // heads)), np.float32)])
             out = node("MatMul", [node("Softmax", [scores], axis=-1), v])
-            out = node("Reshape", [node("Transpose", [out], perm=[0, 2, 1, 3]), const(f"b{i}.shape_nlw", [0, 0, width])])
+            out = node("Reshape", [node("Transpose", [out], perm=[0, 2, 1, 3]), const(f"b{i}.shape_tokens", [-1, width])])
             x = node("Add", [x, linear(out, attn.out_proj.weight, attn.out_proj.bias, f"b{i}.out_proj")])
             h = layer_norm(x, block.ln_2, f"b{i}.ln_2")
             h = linear(h, block.mlp.c_fc.weight, block.mlp.c_fc.bias, f"b{i}.c_fc")
@@ -152,8 +155,9 @@ def write_graph(visual, path: Path) -> None:
                 h = node("Mul", [node("Mul", [h, const(f"b{i}.half", 0.5, np.float32)]),
                                  node("Add", [e, const(f"b{i}.one", 1.0, np.float32)])])
             x = node("Add", [x, linear(h, block.mlp.c_proj.weight, block.mlp.c_proj.bias, f"b{i}.c_proj")])
-        x = layer_norm(x, visual.ln_post, "ln_post")
+        x = node("Reshape", [x, const("shape_nlw", [-1, length, width])])
         x = node("Gather", [x, const("token0", 0)], axis=1)  # the class token: (N, width)
+        x = layer_norm(x, visual.ln_post, "ln_post")  # per token, so on the class token alone it is the same
         if visual.proj is not None:
             node("MatMul", [x, weight("proj", visual.proj)], ["features"])
         else:
