@@ -210,28 +210,28 @@ def _fast_encoder(folder: Path, meta: dict):
         return None
 
 
-class _Declined(Exception):
+class Declined(Exception):
     """This model's image tower cannot be cached (the reason is the message): indexing keeps torch."""
 
 
 def write_entry(encoder, tmp: Path, *, reference=None, probe_images: int = 4) -> tuple[dict, np.ndarray, np.ndarray]:
     """Write ``encoder``'s image tower (a loaded exact torch :class:`~cliplens.encoder.Encoder` on the CPU) as an
     entry in the folder ``tmp``: the graph and its weights, then the torch tower's embeddings of probe images.
-    Returns (meta, probe pixels, those embeddings); raises :class:`_Declined` for a model whose tower cannot be
+    Returns (meta, probe pixels, those embeddings); raises :class:`Declined` for a model whose tower cannot be
     cached. ``reference(pixels)``: the torch tower to compare with (default: the encoder's own)."""
     info = encoder.info
     if cache_folder(info) is None:
-        raise _Declined("random weights: nothing to key a cache on")
+        raise Declined("random weights: nothing to key a cache on")
     if info.precision != "exact" or str(encoder.device) != "cpu":
-        raise _Declined(f"precision {info.precision} on {encoder.device}")
+        raise Declined(f"precision {info.precision} on {encoder.device}")
     cfg = getattr(encoder, "fast_config", None)
     if cfg is None:
-        raise _Declined(f"{info.name}'s preprocessing is one cliplens does not reproduce")
+        raise Declined(f"{info.name}'s preprocessing is one cliplens does not reproduce")
     from cliplens import vit_onnx
 
     visual = vit_onnx.unpacked_visual(encoder)
     if not vit_onnx.supported(visual):
-        raise _Declined(f"{info.name} is not a ViT in CLIP's form")
+        raise Declined(f"{info.name} is not a ViT in CLIP's form")
     grid = getattr(visual, "grid_size", None)
     s = cfg.size
     vit_onnx.write_graph(visual, tmp / "image.onnx")
@@ -247,13 +247,13 @@ def write_entry(encoder, tmp: Path, *, reference=None, probe_images: int = 4) ->
 
 def _agree(tmp: Path, meta: dict, pixels: np.ndarray, want: np.ndarray) -> ImageOnlyEncoder:
     """The entry in ``tmp`` as an encoder, once its embeddings of the probe pixels match ``want`` (the torch
-    tower's) to fp32 rounding; records the parity in ``meta``. :class:`_Declined` when they differ."""
+    tower's) to fp32 rounding; records the parity in ``meta``. :class:`Declined` when they differ."""
     encoder = ImageOnlyEncoder(tmp, meta)
     got = encoder.encode_pixels(pixels)
     cosine, largest = float((want * got).sum(axis=1).min()), float(np.abs(want - got).max())
     if cosine < MIN_COSINE or largest > MAX_ABS:
         log.warning("image-only tower differs from torch (cosine %.7f, largest %.1e); not cached", cosine, largest)
-        raise _Declined(f"the image-only tower differs from torch (cosine {cosine:.7f}, largest {largest:.1e})")
+        raise Declined(f"the image-only tower differs from torch (cosine {cosine:.7f}, largest {largest:.1e})")
     meta["parity"] = {"min_cosine": cosine, "max_abs": largest, "images": len(pixels)}
     return encoder
 
@@ -273,7 +273,7 @@ def build_cache(encoder, *, root: str | Path | None = None, probe_images: int = 
             meta, pixels, want = write_entry(encoder, tmp, probe_images=probe_images)
             _agree(tmp, meta, pixels, want)
             publish_cache_entry(tmp, folder, meta)
-    except _Declined as exc:
+    except Declined as exc:
         log.info("image-only tower not cached: %s; indexing keeps torch", exc)
         return None
     except Exception as exc:
@@ -352,7 +352,7 @@ def prepare(*, name: str, pretrained: str | None, weights: str | Path | None, de
             pixels, want = probe["pixels"], probe["reference"]
         try:
             encoder = _agree(tmp, meta, pixels, want)
-        except _Declined as exc:
+        except Declined as exc:
             _record_declined(declined, {"status": "declined", "message": str(exc)})
             return None
         for scratch in ("probe.npz", "result.json"):

@@ -55,7 +55,7 @@ def _build(request: dict, folder: Path) -> dict:
 
     try:
         meta, pixels, want = imageonly.write_entry(encoder, folder, reference=open_clip_tower(encoder))
-    except imageonly._Declined as exc:
+    except imageonly.Declined as exc:
         return {"status": "declined", "message": str(exc)}
     except Exception as exc:  # noqa: BLE001 - an export failure (a full disk): the parent keeps torch
         return {"status": "failed", "message": _line(exc)}

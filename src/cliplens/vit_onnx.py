@@ -195,6 +195,7 @@ def open_clip_tower(encoder):
     pages at once."""
     import torch
 
+    from cliplens.encoder import _normalise
     from cliplens.packed import file_maps, release_file_pages
 
     clip = encoder.model
@@ -208,11 +209,10 @@ def open_clip_tower(encoder):
         hooks = [block.register_forward_hook(release) for block in clip.visual.transformer.resblocks]
         try:
             with torch.inference_mode():
-                feats = clip.encode_image(torch.from_numpy(np.ascontiguousarray(pixels, np.float32))).float()
+                feats = clip.encode_image(torch.from_numpy(np.ascontiguousarray(pixels, np.float32)))
         finally:
             for hook in hooks:
                 hook.remove()
-        feats = feats / feats.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        return feats.numpy()
+        return _normalise(feats)  # as the encoder's own towers hand out their rows
 
     return run
