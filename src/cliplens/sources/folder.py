@@ -254,7 +254,9 @@ def decode_image_exif(source: str | Path | BinaryIO, *, max_pixels: int, reduce_
     The EXIF comes from the same read, after decoding: a PNG keeps its eXIf chunk wherever it lies, and the
     photo metadata (cliplens.sources.photos) needs no second open of the file.
     """
-    from PIL import ImageOps
+    from PIL import Image, ImageOps
+
+    from cliplens.sources import _codecs
 
     opened = _open(source)
     try:
@@ -262,21 +264,28 @@ def decode_image_exif(source: str | Path | BinaryIO, *, max_pixels: int, reduce_
         _check_pixels(w, h, max_pixels)
         if getattr(opened, "n_frames", 1) > 1:
             opened.seek(0)  # animated GIF/WebP, multi-page TIFF: the first frame
-        if reduce_to is not None and opened.format in ("JPEG", "MPO"):
-            opened.draft("RGB", (reduce_to, reduce_to))  # square request: the same whatever the EXIF rotation
-        # PIL feeds its decoder 64 KiB at a time, taking the GIL back between pieces: with other Python threads
-        # busy (the model, a model loading) each piece waits a switch interval (5 ms), and a 12 MP JPEG's 50 pieces
-        # measured 4x slower than alone. 4 MiB pieces: a photo decodes in one or two calls without the GIL.
-        opened.decodermaxblock = DECODE_BLOCK
-        opened.load()
-        exif = opened.getexif()  # parsed once; a PNG's eXIf chunk is known now that the data is read
-        im = opened
+        decoded = None if opened.format in ("JPEG", "MPO") else _codecs.decode(opened)  # plain PNG, WebP
+        if decoded is not None:
+            exif = Image.Image.getexif(opened)  # complete at open: no metadata chunk follows the pixels
+        else:
+            if reduce_to is not None and opened.format in ("JPEG", "MPO"):
+                opened.draft("RGB", (reduce_to, reduce_to))  # square request: the same whatever the EXIF rotation
+            # PIL feeds its decoder 64 KiB at a time, taking the GIL back between pieces: with other Python threads
+            # busy (the model, a model loading) each piece waits a switch interval (5 ms), and a 12 MP JPEG's 50
+            # pieces measured 4x slower than alone. 4 MiB pieces: a photo decodes in one or two calls without the GIL.
+            opened.decodermaxblock = DECODE_BLOCK
+            opened.load()
+            exif = opened.getexif()  # parsed once; a PNG's eXIf chunk is known now that the data is read
+            decoded = opened
+        im = decoded
         if reduce_to is not None and min(im.size) >= 2 * reduce_to:  # PNG, WebP...: box-reduce at once
             im = im.reduce(min(im.size) // reduce_to)
         if exif.get(_ORIENTATION, 1) not in (1, None):
             im = ImageOps.exif_transpose(im)  # a rotated copy (without the tag); only when there is a rotation
         rgb = to_rgb(im)  # itself when already RGB: no second full-size copy
-        for used in (opened, im):
+        if rgb is opened and getattr(opened, "n_frames", 1) > 1:
+            rgb = opened.copy()  # a multi-frame file (APNG) keeps its file open for seeking: detach, then close
+        for used in {id(x): x for x in (opened, decoded, im)}.values():
             if used is not rgb:
                 used.close()  # the pixels live on in ``rgb``; free the rest now, not at garbage collection
         return rgb, exif, (w, h)
