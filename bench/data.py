@@ -6,8 +6,11 @@ like photographs do, and their embeddings spread out enough for top-k comparison
 
 from __future__ import annotations
 
+import io
 import pickle
+import struct
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -36,6 +39,35 @@ def smooth_images(n: int, size: tuple[int, int], *, seed: int = 0, grain: float 
     return out
 
 
+class _Python2Pickler(pickle._Pickler):  # the pure-Python pickler, whose dispatch we can extend
+    """Writes str and bytes as Python 2 ``str`` (SHORT_BINSTRING / BINSTRING), as cPickle did.
+
+    Python 3's own protocol-2 output spells bytes as ``_codecs.encode(text, "latin1")`` calls;
+    the real files have none, and loading them needs numpy to accept bytes dtype strings.
+    """
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def _save_python2_str(self, obj: str | bytes) -> None:
+        data = obj.encode("latin-1") if isinstance(obj, str) else obj
+        if len(data) < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
+        self.memoize(obj)
+
+    dispatch[str] = _save_python2_str
+    dispatch[bytes] = _save_python2_str
+
+
+def write_cifar_pickle(path: Path, obj: dict[bytes, Any]) -> None:
+    """Pickle like the official files: protocol 2, Python 2 strings, numpy.core.multiarray."""
+    buffer = io.BytesIO()
+    _Python2Pickler(buffer, protocol=2).dump(obj)
+    # protocol 2 names globals as text lines ("c<module>\n<name>\n"), so renaming is a replace
+    path.write_bytes(buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
+
+
 def write_cifar100(root: Path, n: int, *, seed: int = 0) -> Path:
     """A CIFAR-100-python folder (``test`` and ``meta`` pickles, the real layout) of ``n`` images; returns it."""
     folder = root / "cifar-100-python"
@@ -49,8 +81,7 @@ def write_cifar100(root: Path, n: int, *, seed: int = 0) -> Path:
     meta = {b"fine_label_names": [f"class_{i:02d}".encode() for i in range(100)],
             b"coarse_label_names": [f"super_{i:02d}".encode() for i in range(20)]}
     for name, obj in (("test", test), ("meta", meta)):
-        with open(folder / name, "wb") as f:
-            pickle.dump(obj, f, protocol=2)
+        write_cifar_pickle(folder / name, obj)
     return folder
 
 

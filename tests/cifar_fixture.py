@@ -12,18 +12,18 @@ them count as official.
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import pickle
 import shlex
 import shutil
-import struct
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from bench.data import write_cifar_pickle  # shared with the benchmarks
 
 # fmt: off
 CIFAR100_CLASSES: tuple[str, ...] = (
@@ -72,35 +72,6 @@ class CifarFixture:
     coarse_labels: dict[str, np.ndarray] | None
     refs: dict[str, tuple[str, ...]]  # split -> filenames
     md5: dict[str, str]  # file name (and archive name) -> md5; same keys as OFFICIAL_MD5[name]
-
-
-class _Python2Pickler(pickle._Pickler):  # the pure-Python pickler, whose dispatch we can extend
-    """Writes str and bytes as Python 2 ``str`` (SHORT_BINSTRING / BINSTRING), as cPickle did.
-
-    Python 3's own protocol-2 output spells bytes as ``_codecs.encode(text, "latin1")`` calls;
-    the real files have none, and loading them needs numpy to accept bytes dtype strings.
-    """
-
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def _save_python2_str(self, obj: str | bytes) -> None:
-        data = obj.encode("latin-1") if isinstance(obj, str) else obj
-        if len(data) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(data)]) + data)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(data)) + data)
-        self.memoize(obj)
-
-    dispatch[str] = _save_python2_str
-    dispatch[bytes] = _save_python2_str
-
-
-def write_cifar_pickle(path: Path, obj: dict[bytes, Any]) -> None:
-    """Pickle like the official files: protocol 2, Python 2 strings, numpy.core.multiarray."""
-    buffer = io.BytesIO()
-    _Python2Pickler(buffer, protocol=2).dump(obj)
-    # protocol 2 names globals as text lines ("c<module>\n<name>\n"), so renaming is a replace
-    path.write_bytes(buffer.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n"))
 
 
 def md5_of(path: Path) -> str:
