@@ -26,21 +26,26 @@ class Batch(NamedTuple):
 
 def rows_to_images(rows: np.ndarray) -> np.ndarray:
     """(N, 3072) channel-planar rows -> C-contiguous uint8 (N, 32, 32, 3) RGB."""
-    # each plane is row-major 32x32, so (N, 3, 32, 32) then channels last; the copy makes it
-    # contiguous (and lets the caller drop the big rows array)
-    return np.ascontiguousarray(rows.reshape(len(rows), 3, 32, 32).transpose(0, 2, 3, 1))
+    # each plane is row-major 32x32; a fresh array (the caller may drop the big rows array), filled one plane at a
+    # time: 3 strided copies run about 3x faster than numpy's copy of the whole channels-last transpose
+    images = np.empty((len(rows), 32 * 32, 3), np.uint8)
+    for c in range(3):
+        images[:, :, c] = rows[:, c * 1024 : (c + 1) * 1024]
+    return images.reshape(len(rows), 32, 32, 3)
 
 
 def read_batch(
     path: Path,
+    batch: dict | None = None,
     *,
     labels_key: bytes,
     num_classes: int,
     coarse_labels_key: bytes | None = None,
     num_superclasses: int = 0,
 ) -> Batch:
-    """Load and check one pickled batch: b'data', its labels and b'filenames'."""
-    batch = safe_load_pickle(path)
+    """Check one pickled batch (``batch``, else loaded from ``path``): b'data', its labels and b'filenames'."""
+    if batch is None:
+        batch = safe_load_pickle(path)
     data = batch.get(b"data")
     if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != ROW_BYTES:
         shape = getattr(data, "shape", type(data).__name__)

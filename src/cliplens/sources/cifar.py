@@ -7,9 +7,11 @@ published ones, unpickle with an allow-list, then decode rows of 3072 bytes (102
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import urllib.request
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,13 @@ from cliplens._files import cliplens_home
 from cliplens.sources import _download
 from cliplens.sources._decode import fine_to_coarse, read_batch, read_names, rows_to_images
 from cliplens.sources._download import checksum_error, file_digests
-from cliplens.sources._pickle import safe_load_pickle
+from cliplens.sources import _pickle
+from cliplens.sources._pickle import (
+    check_pickle_lengths,
+    loads_checked_pickle,
+    read_pickle_file,
+    safe_load_pickle,
+)
 from cliplens.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -154,18 +162,19 @@ def load_cifar(
     # Hash every file we are about to unpickle before unpickling any of it: an official file is
     # known to be intact and harmless, so verification also guards the unpickler.
     files: dict[str, dict[str, Any]] = {}
+    contents: dict[str, _Read] = {}
     for file in (*layout.split_files[split], layout.meta_file):
         path = folder / file
         if not path.is_file():
             raise DatasetError(f"{path} is missing; re-extract or re-download {layout.archive}")
-        digests = file_digests(path)
+        contents[file] = read = _read_checked(path)
         expected = OFFICIAL_MD5[source][file]
-        if verify and digests["md5"] != expected:
-            raise checksum_error(str(path), digests["md5"], expected)
-        files[f"{layout.folder}/{file}"] = digests
+        if verify and read.digests["md5"] != expected:
+            raise checksum_error(str(path), read.digests["md5"], expected)
+        files[f"{layout.folder}/{file}"] = read.digests
 
     meta_path = folder / layout.meta_file
-    meta = safe_load_pickle(meta_path)
+    meta = contents.pop(layout.meta_file).load(meta_path)
     class_names = read_names(meta, layout.names_key, meta_path, count=layout.num_classes)
     superclass_names = None
     if layout.coarse_names_key is not None:
@@ -175,6 +184,7 @@ def load_cifar(
     batches = [
         read_batch(
             folder / file,
+            contents.pop(file).load(folder / file),
             labels_key=layout.labels_key,
             num_classes=len(class_names),
             coarse_labels_key=layout.coarse_labels_key,
@@ -209,6 +219,40 @@ def load_cifar(
         refs=tuple(refs[:n]),
         fingerprint={"verified": verify, "archive_md5": archive_md5, "files": files},
     )
+
+
+@dataclass
+class _Read:
+    """One pickle read into memory: its digests, and whether its length fields were sound (the error if not)."""
+
+    data: bytes | None  # None: too large to read (its digests streamed), refused when loaded
+    digests: dict[str, Any]
+    damage: DatasetError | None
+
+    def load(self, path: Path) -> dict:
+        if self.damage is not None:  # raised only now, in the order the old one-pass loader met it
+            raise self.damage
+        if self.data is None:
+            return safe_load_pickle(path)  # says why it is refused
+        obj, self.data = loads_checked_pickle(self.data, path), None  # the bytes go as soon as they are parsed
+        return obj
+
+
+def _read_checked(path: Path) -> _Read:
+    """Read ``path`` once; its md5 and sha256 on two threads (hashlib lets go of the GIL on large inputs) while
+    this one checks the pickle's length fields. Nothing is unpickled yet."""
+    if path.stat().st_size > _pickle.MAX_PICKLE_BYTES:  # never a CIFAR file: hashed as it streams, refused when loaded
+        return _Read(None, file_digests(path), None)
+    data = read_pickle_file(path)
+    with ThreadPoolExecutor(max_workers=2, thread_name_prefix="cliplens-hash") as pool:
+        md5, sha256 = (pool.submit(lambda h: h(data).hexdigest(), h) for h in (hashlib.md5, hashlib.sha256))
+        try:
+            check_pickle_lengths(data, path)
+            damage = None
+        except DatasetError as exc:
+            damage = exc
+        digests = {"md5": md5.result(), "sha256": sha256.result(), "size": len(data)}
+    return _Read(data, digests, damage)
 
 
 def _canonical_name(name: str) -> str:
