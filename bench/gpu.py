@@ -1,7 +1,8 @@
 """GPU run: CIFAR indexing end to end and text queries on CUDA, in one call (``bench/gpu.sh``, ``python -m bench gpu``).
 
-On CUDA: the ViT-B/32 stand-in loaded by ``load_encoder(device="cuda")``, fp16 autocast, a large batch (1024, or
-the largest the memory probe finds below it), CIFAR upscaling on the GPU (:mod:`cliplens.gpu_preprocess`).
+On CUDA: the ViT-B/32 stand-in loaded by ``load_encoder(device="cuda")``, its image tower in fp16 weights
+(:mod:`cliplens.gpu_tower`; text under fp16 autocast), a large batch (1024, or the largest the memory probe finds
+below it), CIFAR upscaling on the GPU (:mod:`cliplens.gpu_preprocess`).
 Indexing runs the real ``cliplens index cifar100`` path (``open_source`` + ``index_source``: unpickle, decode,
 embed, the resumable store with manifest, items and thumbnails) into a fresh folder per repetition; images/s is
 the count over that whole wall time (model load excluded, reported apart). Agreement: a sample of the index's
@@ -156,7 +157,12 @@ def _report(*, header, command, name, cuda, n, batch, reps, sample, load_s, runs
     versions = {"device": name, "torch": torch.__version__, "cuda": torch.version.cuda if cuda else None,
                 "cudnn": torch.backends.cudnn.version() if cuda else None,
                 "gpu_memory_gib": round(torch.cuda.get_device_properties(0).total_memory / 2**30, 1) if cuda else None}
-    precision = "fp16 autocast" if cuda else "fp32 (CPU)"
+    if not cuda:
+        precision = "fp32 (CPU)"
+    elif encoder.visual_dtype is not None:  # the image tower cast by cliplens.gpu_tower
+        precision = f"image tower in {str(encoder.visual_dtype).removeprefix('torch.')} weights, text fp16 autocast"
+    else:
+        precision = "fp16 autocast"
     report = Report("gpu", f"GPU run: CIFAR indexing and text queries on {name}",
                     {"command": command, "n": n, "batch_size": batch, "reps": reps, "sample": sample,
                      "device": name, "precision": precision, "model": encoder.info.name}, machine=header)

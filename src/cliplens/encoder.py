@@ -161,6 +161,7 @@ class Encoder:
         # arithmetic as preprocess_batch); False sends them through numpy like everything else
         self.device_preprocess = str(device).startswith("cuda")
         self._visual_ready = False
+        self._visual_dtype = None  # set when _prepare_visual casts the image tower itself (CUDA: fp16)
         self._visual_lock = threading.Lock()  # packing runs once, maybe on a background thread
         self.text_runner = None  # cliplens.fast may set a faster runner of the same text prefix (fp32)
         self._text_speedup: dict | None = None  # speed_up_text's arguments, applied at the first text encoded
@@ -187,6 +188,12 @@ class Encoder:
         if not out:
             return np.zeros((0, 3, self.info.image_size, self.info.image_size), np.float32)
         return np.stack(out)
+
+    @property
+    def visual_dtype(self):
+        """The dtype the image tower was cast to for its device (CUDA: torch.float16), or None (it runs as loaded,
+        under autocast on a GPU). Known once the tower has been readied, by the first image encoded."""
+        return self._visual_dtype
 
     def preprocesses_on_device(self, images) -> bool:
         """True when :meth:`encode_images` resamples ``images`` on the encoder's device instead of in numpy."""
@@ -240,6 +247,14 @@ class Encoder:
 
             if pack_visual(visual):
                 log.debug("image tower packed for oneDNN (fp32)")
+        elif self.device.startswith("cuda"):
+            from cliplens import gpu_tower
+
+            if gpu_tower.prepare(visual):  # fp16 weights, no autocast (else the tower stays under autocast)
+                import torch
+
+                self._visual_dtype = torch.float16
+                log.debug("image tower in fp16 for CUDA (cliplens.gpu_tower)")
         self._visual_ready = True
 
     def _encode_pixels_once(self, pixels: np.ndarray) -> np.ndarray:
@@ -251,6 +266,9 @@ class Encoder:
     def _encode_tensor(self, x) -> np.ndarray:
         import torch
 
+        if self._visual_dtype is not None:  # a tower already in its own dtype (CUDA, cliplens.gpu_tower)
+            with torch.inference_mode():
+                return _normalise(self.model.encode_image(x.to(self._visual_dtype)))
         with torch.inference_mode(), self._autocast():
             return _normalise(self.model.encode_image(x))
 
