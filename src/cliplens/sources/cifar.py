@@ -19,10 +19,9 @@ from typing import Any
 import numpy as np
 
 from cliplens._files import cliplens_home
-from cliplens.sources import _download
+from cliplens.sources import _download, _pickle
 from cliplens.sources._decode import fine_to_coarse, read_batch, read_names, rows_to_images
 from cliplens.sources._download import checksum_error, file_digests
-from cliplens.sources import _pickle
 from cliplens.sources._pickle import (
     check_pickle_lengths,
     loads_checked_pickle,
@@ -241,7 +240,7 @@ class _Read:
 def _read_checked(path: Path) -> _Read:
     """Read ``path`` once; its md5 and sha256 on two threads (hashlib lets go of the GIL on large inputs) while
     this one checks the pickle's length fields. Nothing is unpickled yet."""
-    if path.stat().st_size > _pickle.MAX_PICKLE_BYTES:  # never a CIFAR file: hashed as it streams, refused when loaded
+    if path.stat().st_size > _pickle.MAX_PICKLE_BYTES:  # no CIFAR file: hashed as it streams, refused at load
         return _Read(None, file_digests(path), None)
     data = read_pickle_file(path)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="cliplens-hash") as pool:
