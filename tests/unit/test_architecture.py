@@ -10,7 +10,8 @@ import pytest
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "cliplens"
 ENCODER_PACKAGE = {"encoder.py", "fast.py", "packed.py", "vit_onnx.py", "vit_torch.py",  # the only modules importing torch
-                   "gpu_preprocess.py"}  # the encoder's preprocessing on its device: torch tensors, used by encoder.py only
+                   "gpu_preprocess.py",  # the encoder's preprocessing on its device: torch tensors, used by encoder.py only
+                   "gpu_tower.py"}  # the image tower readied for CUDA (fp16 weights), used by encoder.py only
 
 
 def modules() -> list[Path]:
