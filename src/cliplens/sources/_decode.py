@@ -1,4 +1,4 @@
-"""Decoding and validating the contents of CIFAR pickles (after safe_load_pickle).
+"""Decoding and validating the contents of CIFAR pickles (after the restricted unpickler, cliplens.sources._pickle).
 
 The files may be user-supplied (--no-verify), so every field is checked before use and a
 problem is reported with the file's name rather than as an IndexError three modules later.
@@ -11,7 +11,6 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
-from cliplens.sources._pickle import safe_load_pickle
 from cliplens.errors import DatasetError
 
 ROW_BYTES = 3 * 32 * 32  # one image: 1024 red, then 1024 green, then 1024 blue bytes
@@ -36,16 +35,14 @@ def rows_to_images(rows: np.ndarray) -> np.ndarray:
 
 def read_batch(
     path: Path,
-    batch: dict | None = None,
+    batch: dict,
     *,
     labels_key: bytes,
     num_classes: int,
     coarse_labels_key: bytes | None = None,
     num_superclasses: int = 0,
 ) -> Batch:
-    """Check one pickled batch (``batch``, else loaded from ``path``): b'data', its labels and b'filenames'."""
-    if batch is None:
-        batch = safe_load_pickle(path)
+    """Check one batch, ``batch`` as unpickled from ``path``: b'data', its labels and b'filenames'."""
     data = batch.get(b"data")
     if not isinstance(data, np.ndarray) or data.ndim != 2 or data.shape[1] != ROW_BYTES:
         shape = getattr(data, "shape", type(data).__name__)
