@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -168,3 +169,43 @@ def test_where_values_never_become_sql(spec, pg_index, store, pg_dsn):
     with admin(pg_dsn) as conn:  # the marker: no statement of ours ran
         assert conn.execute("SELECT id FROM canary").fetchall() == [(42,)]
         assert conn.execute("SELECT count(*) FROM hostile_where").fetchone()[0] == len(store)
+
+
+def test_programs_behind_a_root_only_folder_are_refused_in_one_line_before_anything_is_made(tmp_path, monkeypatch):
+    """As root the server runs as 'nobody', which cannot look up its programs behind a 0700 folder (a venv under
+    /root, say): initdb's own message called them "not found". Now one line names the folder, and no folder is made."""
+    from cliplens.index import pg_server
+
+    closed = tmp_path / "home"
+    programs = closed / "venv" / "pginstall" / "bin"
+    programs.mkdir(parents=True)
+    closed.chmod(0o700)
+    monkeypatch.setattr(pg_server, "_bin_dir", lambda: programs)
+    monkeypatch.setattr(pg_server.os, "geteuid", lambda: 0)  # the check is root's; the tests may run as anyone
+    root = tmp_path / "index" / "pg"
+    with pytest.raises(BackendError) as caught:
+        pg_server.EmbeddedServer(root).ensure_running()
+    message = str(caught.value)
+    assert "\n" not in message and "is closed to other users" in message and str(programs) in message
+    named = Path(message.split(": ")[1].split(" is closed")[0])
+    assert named in (closed, *closed.parents) and not named.stat().st_mode & 0o001
+    assert not root.parent.exists()
+
+
+def test_the_first_folder_closed_to_an_account_is_found_from_the_root_down(tmp_path):
+    from cliplens.index.pg_server import _closed_folder
+
+    top = Path(tempfile.mkdtemp(dir="/tmp", prefix="cliplens-open-"))  # outside pytest's own 0700 folders
+    try:
+        top.chmod(0o755)
+        deep = top / "a" / "b"
+        deep.mkdir(parents=True)
+        assert _closed_folder(deep, "nobody") is None
+        (top / "a").chmod(0o711)  # searchable, not listable: enough
+        assert _closed_folder(deep, "nobody") is None
+        (top / "a").chmod(0o700)
+        assert _closed_folder(deep, "nobody") == top / "a"
+        assert _closed_folder(top / "missing" / "bin", "nobody") is None  # left to the command that needs it
+    finally:
+        (top / "a").chmod(0o755)
+        shutil.rmtree(top)

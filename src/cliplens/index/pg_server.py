@@ -15,7 +15,9 @@ is adopted: the next command uses it and stops it at its end.
 PostgreSQL refuses to run as root. As root, the server runs as ``nobody`` with one capability,
 ``CAP_DAC_READ_SEARCH`` (via util-linux's ``setpriv``), so it can reach a data folder under root-only folders
 (``/root``, pytest's 0700 temp folders) without cliplens loosening anyone's permissions; only the folders
-cliplens creates for it (the data and socket folders) are given to ``nobody``.
+cliplens creates for it (the data and socket folders) are given to ``nobody``. Its programs (the wheel's, in
+cliplens' Python environment) must lie under folders others can open: initdb looks them up with access(2), which
+no capability helps, so a server whose programs are behind a root-only folder is refused in one line first.
 """
 
 from __future__ import annotations
@@ -77,6 +79,13 @@ class EmbeddedServer:
 
     # ---------------------------------------------------------------- start / stop
     def ensure_running(self) -> "EmbeddedServer":
+        if os.geteuid() == 0:  # before anything is made: the server's account must reach its own programs
+            closed = _closed_folder(self.bin, _RUN_AS)
+            if closed is not None:
+                raise BackendError(
+                    f"as root, the embedded PostgreSQL runs as '{_RUN_AS}', which cannot reach its programs in "
+                    f"{self.bin}: {closed} is closed to other users; install cliplens' Python environment under "
+                    "folders others can open, or run cliplens as another user")
         self.root.mkdir(parents=True, exist_ok=True)
         with _file_lock(self.root / "start.lock"):
             running = self._running()
@@ -192,6 +201,30 @@ class EmbeddedServer:
             import pwd
 
             os.chown(path, pwd.getpwnam(_RUN_AS).pw_uid, grp.getgrnam(_group()).gr_gid)
+
+
+def _closed_folder(path: Path, account: str) -> Path | None:
+    """The first folder from ``/`` down to ``path`` that ``account`` may not search (its permission bits), or None.
+
+    The capability the server runs with (CAP_DAC_READ_SEARCH) lets it reach data behind root-only folders, but
+    initdb looks for its own programs with access(2), which ignores capabilities for an account other than root:
+    behind such a folder it reports them "not found".
+    """
+    import pwd
+    import stat
+
+    entry = pwd.getpwnam(account)
+    path = path.resolve()
+    for folder in (*reversed(path.parents), path):
+        try:
+            st = folder.stat()
+        except OSError:  # not there: left to the commands that need it, which say so
+            return None
+        bit = (stat.S_IXUSR if st.st_uid == entry.pw_uid else
+               stat.S_IXGRP if st.st_gid == entry.pw_gid else stat.S_IXOTH)
+        if not st.st_mode & bit:
+            return folder
+    return None
 
 
 def _group() -> str:
