@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
 import tempfile
 from pathlib import Path
 
@@ -171,9 +172,9 @@ def test_where_values_never_become_sql(spec, pg_index, store, pg_dsn):
         assert conn.execute("SELECT count(*) FROM hostile_where").fetchone()[0] == len(store)
 
 
-def test_programs_behind_a_root_only_folder_are_refused_in_one_line_before_anything_is_made(tmp_path, monkeypatch):
+def test_programs_behind_a_root_only_folder_are_named_in_one_line(tmp_path, monkeypatch):
     """As root the server runs as 'nobody', which cannot look up its programs behind a 0700 folder (a venv under
-    /root, say): initdb's own message called them "not found". Now one line names the folder, and no folder is made."""
+    /root, say): initdb's own message called them "not found". The failure now names the folder, in one line."""
     from cliplens.index import pg_server
 
     closed = tmp_path / "home"
@@ -181,15 +182,20 @@ def test_programs_behind_a_root_only_folder_are_refused_in_one_line_before_anyth
     programs.mkdir(parents=True)
     closed.chmod(0o700)
     monkeypatch.setattr(pg_server, "_bin_dir", lambda: programs)
-    monkeypatch.setattr(pg_server.os, "geteuid", lambda: 0)  # the check is root's; the tests may run as anyone
-    root = tmp_path / "index" / "pg"
+    monkeypatch.setattr(pg_server.os, "geteuid", lambda: 0)  # the case is root's; the tests may run as anyone
+    monkeypatch.setattr(pg_server.shutil, "which", lambda name: f"/usr/bin/{name}")
+    initdb_said = 'initdb: error: program "postgres" is needed by initdb but was not found in the same directory'
+    monkeypatch.setattr(pg_server.subprocess, "run", lambda cmd, **kw: subprocess.CompletedProcess(
+        cmd, 1, stdout="", stderr=initdb_said + "\n"))  # what it printed, run from a 0700 clone
+    server = pg_server.EmbeddedServer(tmp_path / "index" / "pg")
+    server.data.mkdir(parents=True)
     with pytest.raises(BackendError) as caught:
-        pg_server.EmbeddedServer(root).ensure_running()
+        server._run(["initdb", "-D", str(server.data)], what="create the cluster")
     message = str(caught.value)
     assert "\n" not in message and "is closed to other users" in message and str(programs) in message
     named = Path(message.split(": ")[1].split(" is closed")[0])
     assert named in (closed, *closed.parents) and not named.stat().st_mode & 0o001
-    assert not root.parent.exists()
+    assert list(server.data.iterdir()) == []
 
 
 def test_the_first_folder_closed_to_an_account_is_found_from_the_root_down(tmp_path):

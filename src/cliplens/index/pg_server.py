@@ -17,7 +17,8 @@ PostgreSQL refuses to run as root. As root, the server runs as ``nobody`` with o
 (``/root``, pytest's 0700 temp folders) without cliplens loosening anyone's permissions; only the folders
 cliplens creates for it (the data and socket folders) are given to ``nobody``. Its programs (the wheel's, in
 cliplens' Python environment) must lie under folders others can open: initdb looks them up with access(2), which
-no capability helps, so a server whose programs are behind a root-only folder is refused in one line first.
+no capability helps, so when a command of a server whose programs are behind a root-only folder fails, the
+error names that folder.
 """
 
 from __future__ import annotations
@@ -79,13 +80,6 @@ class EmbeddedServer:
 
     # ---------------------------------------------------------------- start / stop
     def ensure_running(self) -> "EmbeddedServer":
-        if os.geteuid() == 0:  # before anything is made: the server's account must reach its own programs
-            closed = _closed_folder(self.bin, _RUN_AS)
-            if closed is not None:
-                raise BackendError(
-                    f"as root, the embedded PostgreSQL runs as '{_RUN_AS}', which cannot reach its programs in "
-                    f"{self.bin}: {closed} is closed to other users; install cliplens' Python environment under "
-                    "folders others can open, or run cliplens as another user")
         self.root.mkdir(parents=True, exist_ok=True)
         with _file_lock(self.root / "start.lock"):
             running = self._running()
@@ -188,6 +182,12 @@ class EmbeddedServer:
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise BackendError(f"could not {what} of the embedded PostgreSQL in {self.data} ({exc})") from None
         if out.returncode != 0:
+            closed = _closed_folder(self.bin, _RUN_AS) if os.geteuid() == 0 else None
+            if closed is not None:  # initdb says only that "postgres" was not found
+                raise BackendError(
+                    f"as root, the embedded PostgreSQL runs as '{_RUN_AS}', which cannot reach its programs in "
+                    f"{self.bin}: {closed} is closed to other users; install cliplens' Python environment under "
+                    "folders others can open, or run cliplens as another user")
             lines = [ln.strip() for ln in (out.stderr + out.stdout).splitlines() if ln.strip()]
             reason = next((ln for ln in lines if "error" in ln.lower() or "fatal" in ln.lower()),
                           lines[-1] if lines else f"exit code {out.returncode}")
