@@ -43,6 +43,13 @@ def file_digests(path: Path) -> dict[str, Any]:
     return {"md5": md5.hexdigest(), "sha256": sha256.hexdigest(), "size": size}
 
 
+def bytes_digests(data: bytes, pool) -> Callable[[], dict[str, Any]]:
+    """:func:`file_digests` of bytes already read, md5 and sha256 each on one of ``pool``'s threads (hashlib lets
+    go of the GIL on large inputs), so the caller can work meanwhile: call the result for the same dict."""
+    md5, sha256 = (pool.submit(lambda h: h(data).hexdigest(), h) for h in (hashlib.md5, hashlib.sha256))
+    return lambda: {"md5": md5.result(), "sha256": sha256.result(), "size": len(data)}
+
+
 def checksum_error(label: str, actual: str, expected: str) -> ChecksumError:
     return ChecksumError(
         f"{label}: md5 {actual} is not the official {expected} (truncated, altered or not the "

@@ -7,7 +7,6 @@ published ones, unpickle with an allow-list, then decode rows of 3072 bytes (102
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import urllib.request
 from collections.abc import Mapping
@@ -21,7 +20,7 @@ import numpy as np
 from cliplens._files import cliplens_home
 from cliplens.sources import _download, _pickle
 from cliplens.sources._decode import fine_to_coarse, read_batch, read_names, rows_to_images
-from cliplens.sources._download import checksum_error, file_digests
+from cliplens.sources._download import bytes_digests, checksum_error, file_digests
 from cliplens.sources._pickle import (
     check_pickle_lengths,
     loads_checked_pickle,
@@ -244,14 +243,13 @@ def _read_checked(path: Path) -> _Read:
         return _Read(None, file_digests(path), None)
     data = read_pickle_file(path)
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="cliplens-hash") as pool:
-        md5, sha256 = (pool.submit(lambda h: h(data).hexdigest(), h) for h in (hashlib.md5, hashlib.sha256))
+        digests = bytes_digests(data, pool)
         try:
             check_pickle_lengths(data, path)
             damage = None
         except DatasetError as exc:
             damage = exc
-        digests = {"md5": md5.result(), "sha256": sha256.result(), "size": len(data)}
-    return _Read(data, digests, damage)
+        return _Read(data, digests(), damage)
 
 
 def _canonical_name(name: str) -> str:
