@@ -512,6 +512,10 @@ def load_encoder(
         info = dataclasses.replace(info, precision=f"fast:{backend}")  # a resumed run must use the same path
     encoder = Encoder(model=clip, tokenizer=tokenizer, transform=transform, info=info, device=device,
                       image_workers=image_workers, image_tower=tower)
+    if device == "cpu":
+        from cliplens.packed import release_library_pages
+
+        release_library_pages()  # torch's CUDA libraries, read at import, never run on the CPU
     if precision == "fast" and device == "cpu":
         log.info("precision fast: image tower %s", backend)
         encoder.speed_up_text_when_used(tolerance=1e-4)

@@ -21,7 +21,7 @@ from torch import nn
 
 from cliplens._safe import MAX_JSON_DEPTH, json_depth
 from cliplens.imageonly import ImageOnlyEncoder
-from cliplens.packed import PackedMLP, PackedSelfAttention, trim_heap
+from cliplens.packed import PackedMLP, PackedSelfAttention, release_library_pages, trim_heap
 
 
 class _Norm(nn.Module):
@@ -160,6 +160,7 @@ class FastTowerEncoder(ImageOnlyEncoder):
         finally:
             get.close()
         trim_heap()
+        release_library_pages()  # torch's CUDA libraries, read at import, never run here
         self.image_workers = torch.get_num_threads() if _omp_set_num_threads() else 1
         self._pool_init = _one_thread_here
 

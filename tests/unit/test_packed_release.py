@@ -74,3 +74,74 @@ def test_fast_bf16_tower_casts_tensor_by_tensor_and_gives_the_fp32_pages_back(tm
     with torch.inference_mode():
         np.testing.assert_allclose(fast(x).numpy(), visual.to(torch.bfloat16)(x.to(torch.bfloat16)).float().numpy(),
                                    atol=1e-2)
+
+
+def _map(path, *, writable: bool = False):
+    """A private mapping of ``path`` (as the dynamic loader maps a library), every page read once; (mmap, address)."""
+    import ctypes
+    import mmap
+
+    with open(path, "r+b" if writable else "rb") as f:
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=prot)
+    sum(m[i] for i in range(0, len(m), mmap.PAGESIZE))  # resident now
+    buf = (ctypes.c_char * len(m)).from_buffer(m) if writable else None
+    return m, (ctypes.addressof(buf) if buf is not None else None), buf
+
+
+def _library(tmp_path, folder: str, name: str, size: int = 4 << 20):
+    path = tmp_path / folder / "lib" / name
+    path.parent.mkdir(parents=True)
+    data = np.random.default_rng(len(name)).integers(0, 256, size, dtype=np.uint8).tobytes()
+    path.write_bytes(data)
+    return path, data
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_library_pages_that_hold_only_the_files_bytes_are_given_back_and_read_again(tmp_path):
+    from cliplens.packed import release_library_pages
+
+    path, data = _library(tmp_path, "nvidia", "libcublasLt.so.13")
+    m, _, _ = _map(path)
+    assert _resident(path) >= 4 << 20
+    assert release_library_pages(("/nvidia/",)) >= 4 << 20
+    assert _resident(path) < 256 << 10
+    assert m[:] == data  # faulted in again: the file's bytes
+    m.close()
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_library_pages_the_loader_wrote_are_never_touched(tmp_path):
+    """A relocated segment: written while writable, then made read-only (mprotect), as RELRO is. Its pages are
+    anonymous copies; dropping them would bring back the file's unrelocated bytes, so the mapping is skipped."""
+    import ctypes
+    import mmap
+
+    from cliplens.packed import release_library_pages
+
+    path, data = _library(tmp_path, "torch", "libtorch_cpu.so")
+    m, address, buf = _map(path, writable=True)
+    m[:16] = b"relocated-bytes!"  # a private copy of the first page
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    assert libc.mprotect(address, len(m), mmap.PROT_READ) == 0  # r--p now, like a library's .data.rel.ro
+    release_library_pages(("/torch/",))
+    assert m[:16] == b"relocated-bytes!" and m[16:] == data[16:]
+    del buf
+    m.close()
+
+
+@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_writable_mappings_and_libraries_elsewhere_stay_resident(tmp_path):
+    from cliplens.packed import release_library_pages
+
+    inside, _ = _library(tmp_path, "nvidia", "libnvrtc.so.13")
+    elsewhere, data = _library(tmp_path, "numpy", "libopenblas.so")
+    w, _, buf = _map(inside, writable=True)  # writable: a data segment, skipped whatever it holds
+    r, _, _ = _map(elsewhere)
+    release_library_pages(("/nvidia/",))
+    assert _resident(inside) >= 4 << 20 and _resident(elsewhere) >= 4 << 20
+    assert r[:] == data
+    del buf
+    w.close()
+    r.close()
