@@ -21,7 +21,12 @@ from torch import nn
 
 from cliplens._safe import MAX_JSON_DEPTH, json_depth
 from cliplens.imageonly import ImageOnlyEncoder
-from cliplens.packed import PackedMLP, PackedSelfAttention, release_library_pages, trim_heap
+from cliplens.packed import (
+    PackedMLP,
+    PackedSelfAttention,
+    release_library_pages,
+    trim_heap,
+)
 
 
 class _Norm(nn.Module):
