@@ -222,7 +222,7 @@ def release_library_pages(folders: tuple[str, ...] = LIBRARY_FOLDERS) -> int:
     nvrtc 27, ...), counted in the process's memory for the whole run though a CPU run never executes them. A
     mapping that is not writable and has no anonymous pages (smaps: ``Anonymous: 0 kB``) holds nothing but the
     file's bytes, so ``madvise(MADV_DONTNEED)`` only unmaps them: they stay in the page cache, and a later access
-    faults the same bytes in again (the pages a CPU run uses come back in milliseconds). Mappings the loader wrote
+    faults the same bytes in again from the page cache (the pages a CPU run does use come back on first use). Mappings the loader wrote
     (relocations: anonymous pages) and writable ones are never touched. Anywhere else (no /proc, another OS) it
     does nothing.
     """

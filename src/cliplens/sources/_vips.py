@@ -39,8 +39,9 @@ def _pyvips():
 
 
 def lanczos(im, size: tuple[int, int], *, gap: float = 1.5):
-    """``im`` (an RGB PIL image) resized to ``size`` by libvips' lanczos3, or None where libvips does not do it:
-    where the image shrinks by ``gap`` twice over on a side, PIL's resize (``reducing_gap=gap``) does it better.
+    """``im`` (an RGB PIL image) resized to ``size`` by libvips' lanczos3, or None where libvips does not do it.
+    An image ``2 * gap`` times the size or more on a side (3x for thumbnails) is left to PIL's resize with
+    ``reducing_gap=gap``, which places it better:
 
     PIL box-reduces such an image by a whole factor first and then resamples the exact fraction of the reduced
     image that the source covers; libvips cannot be told that fraction (it rescales the reduced image's whole

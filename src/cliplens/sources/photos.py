@@ -130,7 +130,8 @@ def thumb_size(w: int, h: int, size: int) -> tuple[int, int]:
 
 def shrink(im, size: int):
     """``im`` with its long side at most ``size`` (itself when it already is): Lanczos by libvips where it is
-    installed (cliplens.sources._vips, about 3x faster), else PIL's Lanczos after a box reduction."""
+    installed and ``im`` is within 3x of the size (cliplens.sources._vips, about 2.7x faster), else PIL's Lanczos
+    after a box reduction."""
     from PIL import Image
 
     from cliplens.sources._vips import lanczos
