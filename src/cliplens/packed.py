@@ -222,11 +222,10 @@ def release_library_pages(folders: tuple[str, ...] = LIBRARY_FOLDERS) -> int:
     nvrtc 27, ...), counted in the process's memory for the whole run though a CPU run never executes them. A
     mapping that is not writable and has no anonymous pages (smaps: ``Anonymous: 0 kB``) holds nothing but the
     file's bytes, so ``madvise(MADV_DONTNEED)`` only unmaps them: they stay in the page cache, and a later access
-    faults the same bytes in again from the page cache (the pages a CPU run does use come back on first use). Mappings the loader wrote
-    (relocations: anonymous pages) and writable ones are never touched. Anywhere else (no /proc, another OS) it
-    does nothing.
+    faults the same bytes in again (the pages a CPU run does use come back on first use). Mappings the loader
+    wrote (relocations: anonymous pages) and writable ones are never touched. Anywhere else (no /proc, another OS)
+    it does nothing.
     """
-    import ctypes
     import sys
 
     if not sys.platform.startswith("linux"):
@@ -249,13 +248,17 @@ def release_library_pages(folders: tuple[str, ...] = LIBRARY_FOLDERS) -> int:
         return 0
     if not spans:
         return 0
+    dontneed = _dontneed()
+    return sum(hi - lo for lo, hi in spans if dontneed(lo, hi))
+
+
+def _dontneed():
+    """``dontneed(lo, hi)``: ``madvise(MADV_DONTNEED)`` on the pages [lo, hi), True where it was done (Linux)."""
+    import ctypes
+
     libc = ctypes.CDLL(None, use_errno=True)
     libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    released = 0
-    for lo, hi in spans:
-        if libc.madvise(lo, hi - lo, 4) == 0:  # 4: MADV_DONTNEED
-            released += hi - lo
-    return released
+    return lambda lo, hi: libc.madvise(lo, hi - lo, 4) == 0  # 4: MADV_DONTNEED
 
 
 def file_maps() -> list[tuple[int, int]]:
@@ -297,7 +300,6 @@ def release_file_pages(dead, *, keep=(), maps: list[tuple[int, int]] | None = No
     nothing. ``maps``: the process's file mappings as :func:`file_maps` read them, for a caller releasing
     tensor by tensor (reading /proc/self/maps takes ~3 ms with torch loaded).
     """
-    import ctypes
     import mmap
     import sys
 
@@ -307,8 +309,7 @@ def release_file_pages(dead, *, keep=(), maps: list[tuple[int, int]] | None = No
     if not spans:
         return 0
     kept = [span for span in map(_span, keep) if span is not None]
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
+    dontneed = _dontneed()
     page, released = mmap.PAGESIZE, 0
     for span in map(_span, dead):
         if span is None:
@@ -321,6 +322,6 @@ def release_file_pages(dead, *, keep=(), maps: list[tuple[int, int]] | None = No
             a, b = a // page * page, -(-b // page) * page
             pieces = [part for x, y in pieces for part in ((x, min(y, a)), (max(x, b), y)) if part[0] < part[1]]
         for x, y in pieces:
-            if libc.madvise(x, y - x, 4) == 0:  # 4: MADV_DONTNEED
+            if dontneed(x, y):
                 released += y - x
     return released
