@@ -55,6 +55,20 @@ def picture(seed: int, w: int = 64, h: int = 48) -> Image.Image:
     return Image.fromarray(base).resize((w, h), Image.Resampling.BICUBIC)
 
 
+def textured(w: int, h: int, seed: int = 2) -> Image.Image:
+    """Smooth colour waves with 8 px blocks of noise: edges and texture, as a photo has (thumbnail quality)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    base = np.stack([np.sin(xx / (17 + 9 * c)) * np.cos(yy / (23 + 5 * c)) for c in range(3)], -1)
+    detail = rng.normal(0, 0.15, (h // 8 + 1, w // 8 + 1, 3)).repeat(8, 0).repeat(8, 1)[:h, :w]
+    return Image.fromarray(np.clip((base + detail + 1.2) * 100, 0, 255).astype(np.uint8))
+
+
+def psnr(a: Image.Image, b: Image.Image) -> float:
+    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(10 * np.log10(255.0**2 / max(((x - y) ** 2).mean(), 1e-12)))
+
+
 def make_photos(root: Path) -> Path:
     import pillow_heif
 

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 from cliplens.packed import release_file_pages
+
+LINUX = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
 
 
 def _resident(path) -> int:
@@ -22,7 +26,7 @@ def _resident(path) -> int:
     return total
 
 
-@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/smaps")
+@LINUX
 def test_released_pages_leave_memory_and_the_tensor_still_reads_the_files_bytes(tmp_path):
     data = np.random.default_rng(0).standard_normal(4 << 20).astype(np.float32)  # 16 MiB
     path = tmp_path / "weights.bin"
@@ -44,7 +48,7 @@ def test_memory_not_mapped_from_a_file_is_never_touched():
     assert torch.equal(t, torch.arange(1 << 22, dtype=torch.float32))
 
 
-@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/smaps")
+@LINUX
 def test_fast_bf16_tower_casts_tensor_by_tensor_and_gives_the_fp32_pages_back(tmp_path, monkeypatch):
     """``--precision fast`` (bf16): the fp32 tower is never copied whole, and its checkpoint pages go once cast."""
     from torch import nn
@@ -97,7 +101,7 @@ def _library(tmp_path, folder: str, name: str, size: int = 4 << 20):
     return path, data
 
 
-@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/smaps")
+@LINUX
 def test_library_pages_that_hold_only_the_files_bytes_are_given_back_and_read_again(tmp_path):
     from cliplens.packed import release_library_pages
 
@@ -110,7 +114,7 @@ def test_library_pages_that_hold_only_the_files_bytes_are_given_back_and_read_ag
     m.close()
 
 
-@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/smaps")
+@LINUX
 def test_library_pages_the_loader_wrote_are_never_touched(tmp_path):
     """A relocated segment: written while writable, then made read-only (mprotect), as RELRO is. Its pages are
     anonymous copies; dropping them would bring back the file's unrelocated bytes, so the mapping is skipped."""
@@ -131,7 +135,7 @@ def test_library_pages_the_loader_wrote_are_never_touched(tmp_path):
     m.close()
 
 
-@pytest.mark.skipif(not __import__("sys").platform.startswith("linux"), reason="reads /proc/self/smaps")
+@LINUX
 def test_writable_mappings_and_libraries_elsewhere_stay_resident(tmp_path):
     from cliplens.packed import release_library_pages
 

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+from photo_fixture import psnr, textured
 from PIL import Image
 
 from cliplens.sources import _vips, photos
@@ -22,24 +23,10 @@ def _fresh_module(monkeypatch):
     monkeypatch.setattr(_vips, "_MODULE", None)  # each test decides again whether libvips is used
 
 
-def _photo(w: int, h: int, seed: int = 2) -> Image.Image:
-    """Smooth colour waves with 8 px blocks of noise: edges and texture, as a photo has."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:h, 0:w]
-    base = np.stack([np.sin(xx / (17 + 9 * c)) * np.cos(yy / (23 + 5 * c)) for c in range(3)], -1)
-    detail = rng.normal(0, 0.15, (h // 8 + 1, w // 8 + 1, 3)).repeat(8, 0).repeat(8, 1)[:h, :w]
-    return Image.fromarray(np.clip((base + detail + 1.2) * 100, 0, 255).astype(np.uint8))
-
-
-def _psnr(a: Image.Image, b: Image.Image) -> float:
-    x, y = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(10 * np.log10(255.0**2 / max(((x - y) ** 2).mean(), 1e-12)))
-
-
 @pytest.mark.parametrize("size", [(1300, 700), (1000, 750), (640, 480), (513, 300), (700, 1300), (1530, 1020)])
 def test_libvips_thumbnails_match_a_full_lanczos_resize(size):
     """Within 3x of the thumbnail (fast mode's reduced JPEGs, the 256 px from the 512 px) libvips resizes."""
-    im = _photo(*size)
+    im = textured(*size)
     for target in photos.THUMB_SIZES:
         want = photos.thumb_size(*im.size, target)
         if max(s / t for s, t in zip(size, want)) >= 2 * photos.REDUCING_GAP:
@@ -47,28 +34,16 @@ def test_libvips_thumbnails_match_a_full_lanczos_resize(size):
         ours = _vips.lanczos(im, want, gap=photos.REDUCING_GAP)
         assert ours is not None and ours.size == want and ours.mode == "RGB"
         full = im.resize(want, Image.Resampling.LANCZOS)
-        assert _psnr(ours, full) >= 40.0, (size, target, _psnr(ours, full))
+        assert psnr(ours, full) >= 40.0, (size, target, psnr(ours, full))
         assert np.abs(np.asarray(ours, np.int16) - np.asarray(full, np.int16)).mean() < 1.0
-
-
-@pytest.mark.parametrize("size", [(4000, 3000), (2999, 4001), (1300, 700), (1000, 750)])
-def test_shrink_matches_a_full_lanczos_resize_on_either_path(size):
-    """Whichever resizes (PIL's box reduction then Lanczos for a large photo, libvips within 3x), the thumbnails
-    look like a full Lanczos resize of the photo."""
-    im = _photo(*size)
-    for target in photos.THUMB_SIZES:
-        ours = photos.shrink(im, target)
-        full = im.resize(ours.size, Image.Resampling.LANCZOS)
-        assert ours.size == photos.thumb_size(*size, target)
-        assert _psnr(ours, full) >= 40.0, (size, target, _psnr(ours, full))
 
 
 def test_a_photo_3x_the_thumbnail_or_more_is_left_to_pil():
     """PIL box-reduces it and resamples the exact fraction the source covers; libvips, given the reduced image,
     rescales its whole pixels: 33 dB where PIL keeps 48 on the 1300 x 700 photo (see _vips.lanczos)."""
-    assert _vips.lanczos(_photo(4000, 3000), (512, 384), gap=1.5) is None
-    assert _vips.lanczos(_photo(1300, 700), (256, 138), gap=1.5) is None  # 5.1x
-    assert _vips.lanczos(_photo(1530, 1020), (512, 341), gap=1.5) is not None  # 2.99x
+    assert _vips.lanczos(textured(4000, 3000), (512, 384), gap=1.5) is None
+    assert _vips.lanczos(textured(1300, 700), (256, 138), gap=1.5) is None  # 5.1x
+    assert _vips.lanczos(textured(1530, 1020), (512, 341), gap=1.5) is not None  # 2.99x
 
 
 def test_libvips_is_what_shrink_uses_when_installed(monkeypatch):
@@ -76,7 +51,7 @@ def test_libvips_is_what_shrink_uses_when_installed(monkeypatch):
     calls = []
     real = _vips.lanczos
     monkeypatch.setattr(_vips, "lanczos", lambda im, size, **kw: calls.append(size) or real(im, size, **kw))
-    im = _photo(900, 600)
+    im = textured(900, 600)
     big = photos.shrink(im, 512)
     assert calls == [(512, 341)] and big.size == (512, 341)
     assert photos.shrink(big, 512) is big and calls == [(512, 341)]  # already small enough: no resize at all
@@ -85,7 +60,7 @@ def test_libvips_is_what_shrink_uses_when_installed(monkeypatch):
 @pytest.mark.parametrize("size,target", [((5000, 3), 512), ((3, 5000), 512), ((2, 900), 256), ((600, 1), 256),
                                          ((257, 256), 256), ((1025, 1023), 512)])
 def test_extreme_shapes_get_the_size_thumb_size_promises(size, target):
-    im = _photo(*size)
+    im = textured(*size)
     want = photos.thumb_size(*size, target)
     ours = _vips.lanczos(im, want, gap=photos.REDUCING_GAP)
     within_3x = all(s < 2 * photos.REDUCING_GAP * t for s, t in zip(size, want))
@@ -94,7 +69,7 @@ def test_extreme_shapes_get_the_size_thumb_size_promises(size, target):
 
 
 def test_thumbnails_through_libvips_decode_as_webp_and_jpeg_of_the_right_sizes():
-    small, big = photos.thumbnails(_photo(1600, 1200))
+    small, big = photos.thumbnails(textured(1600, 1200))
     with Image.open(io.BytesIO(small)) as s, Image.open(io.BytesIO(big)) as b:
         assert (s.format, s.size) == ("WEBP", (256, 192)) and (b.format, b.size) == ("JPEG", (512, 384))
 
@@ -105,14 +80,14 @@ def _pil(im, target):
 
 def test_turned_off_by_the_environment(monkeypatch):
     monkeypatch.setenv("CLIPLENS_RESIZER", "pil")
-    im = _photo(900, 600)
+    im = textured(900, 600)
     assert _vips.lanczos(im, (512, 341)) is None
     assert np.array_equal(np.asarray(photos.shrink(im, 512)), np.asarray(_pil(im, (512, 341))))
 
 
 def test_missing_pyvips_falls_back_to_pil(monkeypatch):
     monkeypatch.setitem(sys.modules, "pyvips", None)  # import pyvips raises ImportError
-    im = _photo(900, 600)
+    im = textured(900, 600)
     assert _vips.lanczos(im, (512, 341)) is None
     assert np.array_equal(np.asarray(photos.shrink(im, 512)), np.asarray(_pil(im, (512, 341))))
 
@@ -124,12 +99,12 @@ def test_pyvips_without_libvips_falls_back_to_pil(monkeypatch):
 
     monkeypatch.setitem(sys.modules, "pyvips", NoLibrary())
     assert _vips._pyvips() is False
-    assert photos.shrink(_photo(900, 600), 512).size == (512, 341)
+    assert photos.shrink(textured(900, 600), 512).size == (512, 341)
 
 
 @pytest.mark.parametrize("mode", ["RGBA", "L", "P", "I;16"])
 def test_other_modes_are_left_to_pil(mode):
-    assert _vips.lanczos(_photo(900, 600).convert(mode), (512, 341)) is None
+    assert _vips.lanczos(textured(900, 600).convert(mode), (512, 341)) is None
 
 
 def test_a_libvips_error_falls_back_to_pil(monkeypatch):
@@ -139,7 +114,7 @@ def test_a_libvips_error_falls_back_to_pil(monkeypatch):
         raise pyvips.Error("injected: out of memory")
 
     monkeypatch.setattr(pyvips.Image, "new_from_memory", staticmethod(broken))
-    im = _photo(900, 600)
+    im = textured(900, 600)
     assert _vips.lanczos(im, (512, 341)) is None
     assert np.array_equal(np.asarray(photos.shrink(im, 512)), np.asarray(_pil(im, (512, 341))))
 
@@ -154,6 +129,6 @@ def test_a_size_libvips_rounds_otherwise_falls_back_to_pil(monkeypatch):
         return out.crop(0, 0, out.width - 1, out.height)
 
     monkeypatch.setattr(pyvips.Image, "resize", one_short)
-    im = _photo(900, 600)
+    im = textured(900, 600)
     assert _vips.lanczos(im, (512, 341)) is None
     assert photos.shrink(im, 512).size == (512, 341)
